@@ -1,0 +1,3 @@
+"""PyTorch (and ONNX) to a verified, carded model version in the repository. Needs the ``export`` extra."""
+
+__all__: list[str] = []

@@ -1,0 +1,189 @@
+"""The model card: everything needed to feed a model exactly as it was trained.
+
+A card is written once by ``exporters/`` and only read by ``service/`` and
+``robustness/``. It is stored twice: as ``card.json`` next to ``model.onnx``
+(complete, with the version and the ONNX sha256 that the repository assigns)
+and in the ONNX file's ``metadata_props`` under the key ``steady.card`` (without
+``version`` and ``onnx_sha256``, which a file cannot know about itself), so an
+ONNX file alone describes itself.
+
+Value scaling is always stated on the 0..255 scale: the network input is
+``(pixel - mean) / std`` with ``pixel`` in 0..255, channel order RGB, layout NCHW.
+
+Example:
+    >>> card = ModelCard(name="m", labels=("a", "b"), train_resolution=224)
+    >>> ModelCard.from_json(card.to_json()) == card
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from service.errors import CardError
+
+__all__ = [
+    "CARD_SCHEMA_VERSION",
+    "METADATA_KEY",
+    "POLICIES",
+    "INTERPOLATIONS",
+    "Source",
+    "Parity",
+    "ModelCard",
+    "steady_version",
+]
+
+CARD_SCHEMA_VERSION = 1
+METADATA_KEY = "steady.card"
+POLICIES = ("center", "object")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+def steady_version() -> str:
+    """The installed Steady version (``0+unknown`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("steady")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights came from."""
+
+    kind: str = "unknown"  # efficientnet-lite | torchvision | timm | onnx | module
+    architecture: str = ""
+    weights_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime vs PyTorch on fixed inputs, recorded at export."""
+
+    max_abs_diff: float
+    top1_agreement: float
+    images: tuple[str, ...] = ()
+    resolutions: tuple[int, ...] = ()
+    tolerance: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Frozen, typed description of one exported model version."""
+
+    name: str
+    labels: tuple[str, ...]
+    train_resolution: int
+    version: int | None = None
+    test_resolution: int | None = None
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+    std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+    value_scale: str = "0..255"
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+    input_name: str = "input"
+    output_name: str = "logits"
+    policy: str = "center"
+    onnx_sha256: str | None = None
+    opset: int | None = None
+    source: Source = field(default_factory=Source)
+    parity: Parity | None = None
+    created: str = field(default_factory=_now)
+    steady_version: str = field(default_factory=steady_version)
+    schema_version: int = CARD_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise CardError("card name must not be empty")
+        if not self.labels:
+            raise CardError("card labels must not be empty")
+        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise CardError(f"mean and std need 3 values each, got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise CardError(f"std must be positive, got {self.std}")
+        if not isinstance(self.train_resolution, int) or self.train_resolution < 8:
+            raise CardError(f"train_resolution must be an integer >= 8, got {self.train_resolution!r}")
+        if self.test_resolution is None:
+            object.__setattr__(self, "test_resolution", self.train_resolution)
+        if not isinstance(self.test_resolution, int) or self.test_resolution < 8:
+            raise CardError(f"test_resolution must be an integer >= 8, got {self.test_resolution!r}")
+        if not 0.1 <= float(self.crop_pct) <= 1.0:
+            raise CardError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise CardError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.policy not in POLICIES:
+            raise CardError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.value_scale != "0..255":
+            raise CardError(f"value_scale must be '0..255' (state mean/std on 0..255), got {self.value_scale!r}")
+        if self.layout != "NCHW" or self.channel_order not in ("RGB", "BGR"):
+            raise CardError(f"unsupported layout/channel order {self.layout}/{self.channel_order}")
+        if self.schema_version != CARD_SCHEMA_VERSION:
+            raise CardError(f"card schema_version {self.schema_version} is not {CARD_SCHEMA_VERSION}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def resolution(self) -> int:
+        """The resolution the service feeds (test_resolution, never None after init)."""
+        assert self.test_resolution is not None  # set in __post_init__
+        return self.test_resolution
+
+    def replace(self, **changes: Any) -> "ModelCard":
+        """A copy with fields changed (the card itself is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, *, embedded: bool = False) -> str:
+        """JSON text; ``embedded=True`` drops the fields a file cannot know about itself."""
+        data = self.to_dict()
+        if embedded:
+            data.pop("version")
+            data.pop("onnx_sha256")
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CardError(f"unknown card fields: {sorted(unknown)}")
+        kwargs = dict(data)
+        try:
+            kwargs["source"] = Source(**kwargs.get("source") or {})
+            if kwargs.get("parity") is not None:
+                parity = dict(kwargs["parity"])
+                parity["images"] = tuple(parity.get("images", ()))
+                parity["resolutions"] = tuple(parity.get("resolutions", ()))
+                kwargs["parity"] = Parity(**parity)
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise CardError(f"invalid card: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ModelCard":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CardError(f"card is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CardError("card JSON must be an object")
+        return cls.from_dict(data)

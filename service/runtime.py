@@ -1,0 +1,127 @@
+"""ONNX Runtime sessions for classifiers: load verified bytes, run batches, rank classes.
+
+No Ray, no HTTP: the model core the scorer, the CLI and the service share.
+
+Example:
+    >>> clf = Classifier.from_repository(repo, "lite0", 1)       # doctest: +SKIP
+    >>> logits = clf.logits(tensor)                               # doctest: +SKIP
+    >>> top = clf.top_k(logits, 5)                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from service.card import ModelCard
+from service.errors import InvalidInput
+
+__all__ = ["Prediction", "RuntimeOptions", "Classifier", "softmax", "available_providers"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"index": self.index, "label": self.label, "score": self.score}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run ONNX Runtime: threads and execution provider.
+
+    ``provider`` is ``auto`` (CUDA when onnxruntime-gpu sees a GPU, else CPU), ``cpu`` or ``cuda``.
+    ``intra_op_threads`` 0 means "all cores of this process".
+    """
+
+    provider: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"provider must be auto, cpu or cuda, got {self.provider!r}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("thread counts must be >= 0")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def _providers(option: str) -> list[str]:
+    available = available_providers()
+    if option == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(f"provider 'cuda' requested but ONNX Runtime offers only {available}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if option == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Classifier:
+    """An ONNX Runtime session plus the card that says how to feed and read it."""
+
+    def __init__(self, onnx_bytes: bytes, card: ModelCard, options: RuntimeOptions | None = None) -> None:
+        import onnxruntime as ort
+
+        self.card = card
+        self.options = options or RuntimeOptions()
+        so = ort.SessionOptions()
+        threads = self.options.intra_op_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = self.options.inter_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(onnx_bytes, sess_options=so, providers=_providers(self.options.provider))
+        self.providers = self.session.get_providers()
+        inputs = self.session.get_inputs()
+        outputs = self.session.get_outputs()
+        self.input_name = card.input_name if card.input_name in {i.name for i in inputs} else inputs[0].name
+        self.output_name = card.output_name if card.output_name in {o.name for o in outputs} else outputs[0].name
+
+    @classmethod
+    def from_repository(cls, repo: object, name: str, version: int, options: RuntimeOptions | None = None) -> "Classifier":
+        """Load a checksum-verified version from a :class:`~service.repository.ModelRepository`."""
+        loaded = repo.load(name, version)  # type: ignore[attr-defined]
+        return cls(loaded.onnx_bytes, loaded.card, options)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 -> (N, num_classes) float32 logits."""
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
+            raise InvalidInput("input must be a float32 array")
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise InvalidInput(f"input must have shape (N, 3, H, W), got {list(batch.shape)}")
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.card.num_classes), dtype=np.float32)
+        (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
+
+    def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+        """Softmax scores of the k best classes per row."""
+        if k < 1:
+            raise InvalidInput(f"top_k must be >= 1, got {k}")
+        k = min(k, logits.shape[-1])
+        probs = softmax(logits.astype(np.float32, copy=True))
+        idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        labels: Sequence[str] = self.card.labels
+        return [
+            [Prediction(int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(p[int(i)])) for i in row]
+            for row, p in zip(idx, probs)
+        ]

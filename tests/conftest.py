@@ -1,0 +1,104 @@
+"""Fixtures shared by every test tier: a tiny real ONNX classifier, real images, a repository."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.card import ModelCard, Source
+from service.repository import ModelRepository
+
+TINY_CLASSES = 10
+
+
+def make_tiny_onnx(num_classes: int = TINY_CLASSES, seed: int = 0) -> bytes:
+    """A real ONNX classifier (N,3,H,W) -> (N,num_classes): colour statistics through a linear layer.
+
+    Dynamic batch, height and width, like Steady's exports.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 1, (16, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 1, (16, num_classes)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, (num_classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["p1"]),
+        helper.make_node("Flatten", ["p1"], ["f1"]),
+        helper.make_node("Gemm", ["f1", "w2", "b2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b2, "b2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def tiny_card(name: str = "tiny", **overrides: object) -> ModelCard:
+    fields: dict[str, object] = dict(
+        name=name,
+        labels=tuple(f"class_{i}" for i in range(TINY_CLASSES)),
+        train_resolution=32,
+        crop_pct=0.875,
+        interpolation="bilinear",
+        mean=(127.0, 127.0, 127.0),
+        std=(128.0, 128.0, 128.0),
+        source=Source(kind="onnx", architecture="tiny-test"),
+    )
+    fields.update(overrides)
+    return ModelCard(**fields)  # type: ignore[arg-type]
+
+
+def encode(img: Image.Image | np.ndarray, fmt: str = "JPEG", **params: object) -> bytes:
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx() -> bytes:
+    return make_tiny_onnx()
+
+
+@pytest.fixture()
+def tiny_repo(tmp_path: Path, tiny_onnx: bytes) -> ModelRepository:
+    """A repository holding model ``tiny`` at version 1."""
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("tiny", tiny_onnx, tiny_card())
+    return repo
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    """skimage's coffee photo (400x600 RGB): lite0 says 967 espresso."""
+    from skimage import data
+
+    return data.coffee()
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    """skimage's cat photo (300x451 RGB)."""
+    from skimage import data
+
+    return data.chelsea()
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg(coffee: np.ndarray) -> bytes:
+    return encode(coffee, "JPEG", quality=92)
