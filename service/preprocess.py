@@ -37,6 +37,8 @@ __all__ = [
     "Box",
     "View",
     "decode",
+    "original_size",
+    "to_original",
     "to_rgb",
     "center_box",
     "shift_box",
@@ -133,11 +135,28 @@ def decode(
                 img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img, background)
+            rgb = to_rgb(img, background)
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"image is over the pixel limit of {max_pixels}: {exc}") from exc
         except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, ZeroDivisionError) as exc:
             raise UnsupportedImage(f"cannot decode {fmt} image: {_short(exc)}") from exc
+    # the upright size before any reduced-scale decode, so boxes can be reported in it
+    swapped = (rgb.size[0] > rgb.size[1]) != (width > height) and width != height
+    rgb.info["original_size"] = (height, width) if swapped else (width, height)
+    return rgb
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """The upright size of the encoded image (differs from ``img.size`` after a reduced decode)."""
+    size = img.info.get("original_size")
+    return (int(size[0]), int(size[1])) if size else img.size
+
+
+def to_original(box: Box, img: Image.Image) -> Box:
+    """A box in decoded pixels -> the same region in the encoded image's pixels."""
+    ow, oh = original_size(img)
+    sx, sy = ow / img.size[0], oh / img.size[1]
+    return Box(box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy)
 
 
 def _short(exc: BaseException) -> str:
