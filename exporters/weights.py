@@ -1,0 +1,104 @@
+"""Reading state-dict files safely and mapping them onto a module by position.
+
+Weights are only ever read with ``torch.load(weights_only=True)``: a ``.pth``
+file is data, never code. Position mapping lets the maintained architecture
+code of one library (timm) carry weights saved by another (lukemelas
+EfficientNet-PyTorch) when both hold the same tensors in the same order.
+
+Example:
+    >>> state = load_state_dict(path)                         # doctest: +SKIP
+    >>> module.load_state_dict(map_by_position(state, module))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Mapping
+
+from service.errors import ExportError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+__all__ = ["SKIPPED_SUFFIXES", "file_sha256", "load_state_dict", "map_by_position"]
+
+SKIPPED_SUFFIXES = ("num_batches_tracked",)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> "OrderedDict[str, torch.Tensor]":
+    """Load a state dict from ``path`` with ``weights_only=True`` onto the CPU.
+
+    Accepts a bare state dict or a checkpoint holding one under ``state_dict``
+    or ``model`` (the two common wrappers).
+
+    Raises:
+        ExportError: the file is missing, not loadable as weights, or holds no tensors.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise ExportError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError...)
+        raise ExportError(f"cannot load weights from {path} (weights_only=True): {exc}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ExportError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    tensors = OrderedDict((str(k), v) for k, v in obj.items() if isinstance(v, torch.Tensor))
+    if not tensors:
+        raise ExportError(f"{path} holds no tensors")
+    return tensors
+
+
+def _significant(state: Mapping[str, "torch.Tensor"]) -> list[tuple[str, "torch.Tensor"]]:
+    return [(k, v) for k, v in state.items() if not k.endswith(SKIPPED_SUFFIXES)]
+
+
+def map_by_position(source: Mapping[str, "torch.Tensor"], module: "nn.Module") -> "OrderedDict[str, torch.Tensor]":
+    """Rename ``source`` tensors to ``module``'s keys, pairing them by position.
+
+    ``num_batches_tracked`` buffers are ignored on both sides (they do not
+    affect inference) and the module's own values are kept for them.
+
+    Returns:
+        A state dict with exactly the module's keys, ready for ``load_state_dict(strict=True)``.
+
+    Raises:
+        ExportError: the tensor counts differ, or any position has a different shape
+            (the message names both keys and shapes).
+    """
+    target_state = module.state_dict()
+    src = _significant(source)
+    dst = _significant(target_state)
+    if len(src) != len(dst):
+        raise ExportError(
+            f"cannot map weights by position: the file has {len(src)} tensors, "
+            f"the architecture {len(dst)} (num_batches_tracked excluded)"
+        )
+    mapped: OrderedDict[str, torch.Tensor] = OrderedDict(target_state)
+    for position, ((src_key, src_val), (dst_key, dst_val)) in enumerate(zip(src, dst)):
+        if tuple(src_val.shape) != tuple(dst_val.shape):
+            raise ExportError(
+                f"cannot map weights by position: tensor {position} {src_key!r} has shape "
+                f"{tuple(src_val.shape)} but the architecture's {dst_key!r} has {tuple(dst_val.shape)}"
+            )
+        mapped[dst_key] = src_val.to(dtype=dst_val.dtype)
+    return mapped

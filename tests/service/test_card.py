@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from service.card import METADATA_KEY, ModelCard, Parity, Source
+from service.errors import CardError
+from tests.conftest import tiny_card
+
+
+def test_round_trip_json_preserves_every_field() -> None:
+    card = tiny_card(
+        version=3,
+        onnx_sha256="ab" * 32,
+        opset=17,
+        test_resolution=40,
+        policy="object",
+        source=Source(kind="timm", architecture="resnet10t", weights_sha256="cd" * 32),
+        parity=Parity(max_abs_diff=2e-6, top1_agreement=1.0, images=("coffee",), resolutions=(32, 40)),
+    )
+    again = ModelCard.from_json(card.to_json())
+    assert again == card
+    assert again.parity is not None and again.parity.images == ("coffee",)
+    assert isinstance(again.labels, tuple)
+
+
+def test_embedded_json_has_no_repository_fields() -> None:
+    card = tiny_card(version=2, onnx_sha256="ef" * 32)
+    data = json.loads(card.to_json(embedded=True))
+    assert "version" not in data and "onnx_sha256" not in data
+    assert ModelCard.from_dict(data).version is None
+    assert METADATA_KEY == "steady.card"
+
+
+def test_test_resolution_defaults_to_train() -> None:
+    assert tiny_card().test_resolution == 32
+    assert tiny_card(test_resolution=48).resolution == 48
+
+
+def test_card_is_frozen() -> None:
+    card = tiny_card()
+    with pytest.raises(AttributeError):
+        card.name = "other"  # type: ignore[misc]
+    assert card.replace(name="other").name == "other"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"labels": ()}, "labels"),
+        ({"std": (1.0, 0.0, 1.0)}, "std"),
+        ({"mean": (1.0, 2.0)}, "mean"),
+        ({"train_resolution": 4}, "train_resolution"),
+        ({"crop_pct": 1.5}, "crop_pct"),
+        ({"interpolation": "area"}, "interpolation"),
+        ({"policy": "random"}, "policy"),
+        ({"value_scale": "0..1"}, "value_scale"),
+        ({"schema_version": 99}, "schema_version"),
+    ],
+)
+def test_invalid_cards_are_refused_with_the_field_named(overrides: dict, message: str) -> None:
+    with pytest.raises(CardError, match=message):
+        tiny_card(**overrides)
+
+
+def test_unknown_fields_and_bad_json_are_refused() -> None:
+    data = json.loads(tiny_card().to_json())
+    data["surprise"] = 1
+    with pytest.raises(CardError, match="surprise"):
+        ModelCard.from_dict(data)
+    with pytest.raises(CardError, match="JSON"):
+        ModelCard.from_json("{not json")
+    with pytest.raises(CardError, match="object"):
+        ModelCard.from_json("[1, 2]")
