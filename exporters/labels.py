@@ -1,8 +1,7 @@
 """Class names for exported models, in index order.
 
-ImageNet-1k names come from the installed torchvision (its weight metadata
-lists them in the standard index order, i.e. sorted WordNet ids), falling back
-to timm's ImageNetInfo; nothing is downloaded.
+ImageNet-1k names are shipped with the package, in the standard index order
+(sorted WordNet ids), exactly as torchvision lists them; nothing is downloaded.
 
 Example:
     >>> imagenet_labels()[967]                                    # doctest: +SKIP
@@ -16,30 +15,23 @@ from pathlib import Path
 
 from service.errors import ExportError
 
-__all__ = ["IMAGENET_CLASSES", "imagenet_labels", "read_labels_file", "resolve_labels"]
+__all__ = ["IMAGENET_CLASSES", "IMAGENET_FILE", "imagenet_labels", "read_labels_file", "resolve_labels"]
 
 IMAGENET_CLASSES = 1000
+IMAGENET_FILE = "imagenet_classes.txt"
 
 
 def imagenet_labels() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class names in index order (0 tench ... 967 espresso ... 999 toilet tissue).
 
-    Raises:
-        ExportError: neither torchvision nor timm is installed.
+    Read from ``imagenet_classes.txt`` shipped with this package (a copy of
+    torchvision's ``_IMAGENET_CATEGORIES``; a test keeps them equal), so the
+    ``onnx:`` source needs no torch.
     """
-    try:
-        from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-        names = tuple(str(n) for n in _IMAGENET_CATEGORIES)
-    except ImportError:
-        try:
-            from timm.data import ImageNetInfo
-        except ImportError as exc:
-            raise ExportError("ImageNet class names need torchvision or timm (the 'export' extra)") from exc
-        info = ImageNetInfo("imagenet-1k")
-        names = tuple(info.index_to_description(i).split(",")[0].strip() for i in range(IMAGENET_CLASSES))
+    text = (Path(__file__).with_name(IMAGENET_FILE)).read_text(encoding="utf-8")
+    names = tuple(line for line in text.splitlines() if line)
     if len(names) != IMAGENET_CLASSES:
-        raise ExportError(f"expected {IMAGENET_CLASSES} ImageNet class names, found {len(names)}")
+        raise ExportError(f"expected {IMAGENET_CLASSES} ImageNet class names in {IMAGENET_FILE}, found {len(names)}")
     return names
 
 

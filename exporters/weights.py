@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-__all__ = ["SKIPPED_SUFFIXES", "file_sha256", "load_state_dict", "map_by_position"]
+__all__ = ["SKIPPED_SUFFIXES", "file_sha256", "load_state_dict", "map_by_position", "infer_num_classes", "load_into"]
 
 SKIPPED_SUFFIXES = ("num_batches_tracked",)
 
@@ -102,3 +102,30 @@ def map_by_position(source: Mapping[str, "torch.Tensor"], module: "nn.Module") -
             )
         mapped[dst_key] = src_val.to(dtype=dst_val.dtype)
     return mapped
+
+
+def infer_num_classes(state: Mapping[str, "torch.Tensor"], classifier_key: str | None = None) -> int:
+    """Number of classes: rows of the classifier weight.
+
+    ``classifier_key`` names the classifier's weight (e.g. ``fc.weight``); when
+    it is absent from ``state``, the last tensor of two or more dimensions whose
+    name ends in ``weight`` is taken (linear or 1x1-conv heads alike).
+
+    Raises:
+        ExportError: no candidate weight exists.
+    """
+    if classifier_key and classifier_key in state and state[classifier_key].ndim >= 2:
+        return int(state[classifier_key].shape[0])
+    candidates = [v for k, v in state.items() if k.endswith("weight") and v.ndim >= 2]
+    if not candidates:
+        raise ExportError("cannot infer the number of classes: the weights hold no classifier weight")
+    return int(candidates[-1].shape[0])
+
+
+def load_into(module: "nn.Module", state: Mapping[str, "torch.Tensor"], what: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with an :class:`ExportError` naming ``what``."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        text = str(exc)
+        raise ExportError(f"weights do not fit {what}: {text[:600]}{'...' if len(text) > 600 else ''}") from exc

@@ -1,11 +1,289 @@
-"""Sub-commands of this package (filled in by its owner)."""
+"""Sub-commands of this package: ``score``, ``gate``, ``promote``, ``rollback``, ``bench score``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
-__all__ = ["register"]
+__all__ = ["register", "build_score_document"]
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in _csv(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def build_score_document(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
+                         seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
+                         progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Any]:
+    """Score a stored version and return the robustness.json document (and the dataset)."""
+    from robustness.data import load_dataset
+    from robustness.scorer import ScoreOptions, aggregate, choose, iter_progress, run_local, run_ray, summary
+    from robustness.schema import SCHEMA_VERSION
+    from service.card import steady_version
+
+    loaded = repo.load(model, version)
+    card = loaded.card
+    dataset = load_dataset(data, labels, max_images)
+    options = ScoreOptions(batch_size=batch_size)
+    with iter_progress(len(dataset.items), progress) as bar:
+        if workers > 0 or ray_address:
+            records, timing = run_ray(loaded.onnx_bytes, card, dataset, config, seed, options, max(workers, 1),
+                                      ray_address, bar.update)
+        else:
+            records, timing = run_local(loaded.onnx_bytes, card, dataset, config, seed, options, bar.update)
+    result = aggregate(records, card, config, seed, dataset.labelled)
+    chosen = choose(result, card, config)
+    flat = summary(result, chosen, card)
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "version": version,
+        "model_sha256": loaded.sha256,
+        "card": {"train_resolution": card.train_resolution, "test_resolution": card.resolution,
+                 "crop_pct": card.crop_pct, "interpolation": card.interpolation, "policy": card.policy},
+        "data": {"path": str(Path(data).resolve()), "fingerprint": dataset.fingerprint,
+                 "images": len(dataset.items), "labelled": dataset.labelled},
+        "seed": seed,
+        "config": config.to_dict(),
+        "accuracy": result["accuracy"],
+        "protocols": result["protocols"],
+        "summary": flat,
+        "summary_ci95": _summary_ci(result, chosen, card),
+        "chosen": chosen,
+        "most_flipping": result["most_flipping"],
+        "timing": {"seconds": round(timing["seconds"], 3), "evaluations": int(timing["evaluations"]),
+                   "evaluations_per_s": round(timing["evaluations"] / max(timing["seconds"], 1e-9), 2),
+                   "workers": workers or None, "ray_address": ray_address},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "steady_version": steady_version(),
+    }
+    return doc, dataset
+
+
+def _summary_ci(result: dict[str, Any], chosen: dict[str, Any], card: Any) -> dict[str, Any]:
+    """Intervals of the summary values (same keys), for the gate's printout."""
+    p = chosen["policy"]
+    pr = result["protocols"]
+    out: dict[str, Any] = {}
+    acc = result.get("accuracy", {}).get(p)
+    if acc:
+        a1, a5 = acc["top1"], acc["top5"]
+        if chosen["resolution"] != card.resolution and "resolution" in pr:
+            row = next(x for x in pr["resolution"][p]["resolutions"] if x["resolution"] == chosen["resolution"])
+            a1, a5 = row["accuracy"], row["top5"]
+        out["accuracy.top1"], out["accuracy.top5"] = a1, a5
+    for proto, keys in (("pan", ("p_change", "mac", "flip_probability")), ("scale", ("p_change", "flip_probability"))):
+        if proto in pr:
+            for k in keys:
+                out[f"{proto}.{k}"] = pr[proto][p][k]
+    if "embed" in pr:
+        for row in pr["embed"][p]["sizes"]:
+            out[f"embed@{row['size']:g}.p_change"] = row["p_change"]
+            if row["size"] == 0.5:
+                out["embed@0.5.accuracy"] = row["accuracy"]
+    if "consistency" in pr:
+        out["consistency"] = pr["consistency"][p]["consistency"]
+    return {k: (None if v is None else v["ci95"]) for k, v in out.items()}
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from robustness.protocols import ProtocolConfig
+    from robustness.report import terminal_table, write_html
+    from robustness.scorer import thumbnails
+    from service.errors import ScoreError
+    from service.repository import ModelRepository, atomic_write_json
+
+    if args.workers and args.ray_address:
+        raise ScoreError("use --workers N or --ray-address ADDR, not both")
+    try:
+        kwargs: dict[str, Any] = {}
+        if args.protocols:
+            kwargs["protocols"] = _csv(args.protocols)
+        if args.policies:
+            kwargs["policies"] = _csv(args.policies)
+        if args.translate_frames:
+            kwargs["translate_frames"] = args.translate_frames
+        if args.zoom_range:
+            lo, hi = args.zoom_range
+            kwargs["zoom_start"], kwargs["zoom_stop"] = lo, hi
+        if args.embed_positions:
+            kwargs["embed_positions"] = args.embed_positions
+        if args.consistency_pairs:
+            kwargs["consistency_pairs"] = args.consistency_pairs
+        if args.resolution_factors:
+            kwargs["resolution_factors"] = args.resolution_factors
+        config = ProtocolConfig(**kwargs)
+    except ValueError as exc:
+        raise ScoreError(str(exc)) from exc
+    repo = ModelRepository(args.repo)
+    version = repo.resolve(args.model, args.version)
+    doc, dataset = build_score_document(repo, args.model, version, args.data, args.labels, config, args.seed,
+                                        args.max_images, args.workers, args.ray_address,
+                                        progress=not args.no_progress, batch_size=args.batch_size)
+    atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "robustness.json", doc)
+        thumbs = thumbnails(dataset.root, [r["file"] for r in doc["most_flipping"]])
+        write_html(doc, out / "report.html", thumbs)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(terminal_table(doc))
+        print(f"wrote {repo.version_dir(args.model, version) / 'robustness.json'}"
+              + (f" and {Path(args.out) / 'report.html'}" if args.out else ""))
+    return 0
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from robustness.gate import run_gate
+    from service.repository import ModelRepository, parse_version
+
+    repo = ModelRepository(args.repo)
+    decision, out = run_gate(repo, args.model, parse_version(args.version), args.policy)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"gate {args.model} v{out['version']} (sha256 {out['model_sha256'][:12]}) policy {args.policy}")
+        for rule in out["rules"]:
+            ci = rule.get("ci95")
+            ci_text = f" [{ci[0]:.4f},{ci[1]:.4f}]" if ci else ""
+            measured = "missing" if rule["measured"] is None else f"{rule['measured']:.4f}{ci_text}"
+            print(f"  {'PASS' if rule['passed'] else 'FAIL'}  {rule['section']:<10} {rule['key']:<24} "
+                  f"threshold {rule['threshold']:+g}  measured {measured}  -- {rule['reason']}")
+        print(f"decision: {out['decision']}")
+    return 0 if decision.passed else 1
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from robustness.promote import promote
+    from service.errors import PromotionRefused
+    from service.repository import ModelRepository, parse_version
+
+    if args.force and not args.reason:
+        raise PromotionRefused("--force needs --reason TEXT")
+    repo = ModelRepository(args.repo)
+    version = parse_version(args.version)
+    stages = promote(repo, args.model, version, stage=args.stage, force=args.force, reason=args.reason or "")
+    print(json.dumps({"model": args.model, "stage": args.stage, "version": version, "forced": bool(args.force),
+                      "production": stages.production, "candidate": stages.candidate}))
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from robustness.promote import rollback
+    from service.repository import ModelRepository
+
+    stages = rollback(ModelRepository(args.repo), args.model, args.reason)
+    print(json.dumps({"model": args.model, "production": stages.production, "candidate": stages.candidate}))
+    return 0
+
+
+def _cmd_bench_score(args: argparse.Namespace) -> int:
+    from robustness.bench import bench_score
+    from service.repository import ModelRepository
+
+    repo = ModelRepository(args.repo)
+    version = repo.resolve(args.model, args.version)
+    out = bench_score(repo, args.model, version, args.data, max_images=args.max_images, batch_size=args.batch_size,
+                      policies=_csv(args.policies), raw_seconds=args.raw_seconds)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:<26}{v}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``steady bench`` (shared: other packages add sub-commands beside ``score``)."""
+    existing = sub.choices.get("bench")
+    if existing is None:
+        existing = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+        existing.set_defaults(func=lambda a: (existing.print_help(), 2)[1])
+    bench_sub = getattr(existing, "_steady_sub", None)
+    if bench_sub is None:
+        bench_sub = existing.add_subparsers(dest="bench_command", metavar="BENCH")
+        existing._steady_sub = bench_sub  # type: ignore[attr-defined]
+    p = bench_sub.add_parser("score", help="scorer throughput vs raw ONNX Runtime",
+                             description="Scorer model-evaluations/s vs raw ONNX Runtime at the same batch size.")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("model", help="model name")
+    p.add_argument("--version", help="version (default: production, else the newest)")
+    p.add_argument("--data", required=True, help="folder of images")
+    p.add_argument("--max-images", type=int, default=16, help="images to score (default 16)")
+    p.add_argument("--batch-size", type=int, default=32, help="ONNX Runtime batch size (default 32)")
+    p.add_argument("--policies", default="center,object", help="policies (default center,object)")
+    p.add_argument("--raw-seconds", type=float, default=3.0, help="seconds per raw ORT measurement (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_bench_score)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ``steady`` parser."""
+    p = sub.add_parser("score", help="score shift/scale robustness of a model version",
+                       description="Score a stored model version for flips under 1-px shifts and rescalings "
+                                   "(REFERENCE section 2 metrics), choose its serving policy and resolution, "
+                                   "write <repo>/<model>/<version>/robustness.json.")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("model", help="model name")
+    p.add_argument("--version", help="version (default: production, else the newest)")
+    p.add_argument("--data", required=True, help="folder of images (ImageNet-style class folders give labels)")
+    p.add_argument("--labels", help="CSV with columns file,class_index")
+    p.add_argument("--out", help="also write robustness.json and a self-contained report.html here")
+    p.add_argument("--protocols", help="comma list of pan,scale,embed,consistency,resolution (default all)")
+    p.add_argument("--policies", help="comma list of center,object (default both)")
+    p.add_argument("--max-images", type=int, help="score only the first N images (sorted)")
+    p.add_argument("--seed", type=int, default=0, help="seed for positions, offsets and bootstrap (default 0)")
+    p.add_argument("--workers", type=int, default=0, help="shard images over N local Ray workers")
+    p.add_argument("--ray-address", help="shard images over an existing Ray cluster")
+    p.add_argument("--batch-size", type=int, default=32, help="views per ONNX Runtime call (default 32)")
+    p.add_argument("--translate-frames", type=int, help="ImageNet-P translate frames (default 9; the paper: 41)")
+    p.add_argument("--zoom-range", type=float, nargs=2, metavar=("START", "STOP"),
+                   help="zoom sequence start and stop, step 0.025 (default 0.40 1.15)")
+    p.add_argument("--embed-positions", type=int, help="random positions per embed size (default 2)")
+    p.add_argument("--consistency-pairs", type=int, help="random crop pairs per image (default 1)")
+    p.add_argument("--resolution-factors", type=_floats, help="FixRes factors (default 0.875,1,1.15,1.3,1.5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the robustness.json document")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("gate", help="decide whether a scored version may be promoted",
+                       description="Apply a gate policy YAML to a version's robustness.json; write gate.json. "
+                                   "Exit 0 pass, 1 fail, 2 error (missing/stale scores, bad policy).")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("model", help="model name")
+    p.add_argument("version", help="version")
+    p.add_argument("--policy", required=True, help="gate policy YAML (sections max, min, regression)")
+    p.add_argument("--json", action="store_true", help="print gate.json")
+    p.set_defaults(func=_cmd_gate)
+
+    p = sub.add_parser("promote", help="point a stage at a version whose gate passed",
+                       description="Promote a version; refused unless its gate.json passed for its exact sha256.")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("model", help="model name")
+    p.add_argument("version", help="version")
+    p.add_argument("--stage", choices=("production", "candidate"), default="production", help="stage")
+    p.add_argument("--force", action="store_true", help="promote without a passing gate (needs --reason)")
+    p.add_argument("--reason", help="why (recorded in the stages history)")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("rollback", help="restore the previous production version",
+                       description="Restore the production version that preceded the current one.")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("model", help="model name")
+    p.add_argument("--reason", default="rollback", help="recorded in the stages history")
+    p.set_defaults(func=_cmd_rollback)
+
+    _add_bench(sub)

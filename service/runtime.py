@@ -37,12 +37,14 @@ class RuntimeOptions:
     """How to run ONNX Runtime: threads and execution provider.
 
     ``provider`` is ``auto`` (CUDA when onnxruntime-gpu sees a GPU, else CPU), ``cpu`` or ``cuda``.
-    ``intra_op_threads`` 0 means "all cores of this process".
+    ``intra_op_threads`` 0 means "all cores of this process". ``allow_spinning`` False stops
+    idle intra-op threads from busy-waiting (they would steal CPU from decoding on small machines).
     """
 
     provider: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    allow_spinning: bool = True
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", "cpu", "cuda"):
@@ -89,6 +91,8 @@ class Classifier:
         so.inter_op_num_threads = self.options.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if not self.options.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(onnx_bytes, sess_options=so, providers=_providers(self.options.provider))
         self.providers = self.session.get_providers()
         inputs = self.session.get_inputs()

@@ -102,3 +102,26 @@ def chelsea() -> np.ndarray:
 @pytest.fixture(scope="session")
 def coffee_jpeg(coffee: np.ndarray) -> bytes:
     return encode(coffee, "JPEG", quality=92)
+
+
+@pytest.fixture(scope="session")
+def lite0_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRepository, str]:
+    """efficientnet-lite0 exported once per session by ``steady export``: ``(repository, model name)``.
+
+    Version 1 of ``efficientnet-lite0`` in a fresh repository; tests may add stages or
+    versions but should not rely on another test's changes. Skipped only without torch.
+    """
+    pytest.importorskip("torch", reason="exporting efficientnet-lite0 needs torch (the 'export' extra)")
+    import contextlib
+
+    from service.cli import main
+
+    root = tmp_path_factory.mktemp("lite0-repo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the real command: steady export efficientnet-lite0 --repo ROOT
+        code = main(["export", "efficientnet-lite0", "--repo", str(root)])
+    if code != 0:
+        pytest.fail(f"steady export efficientnet-lite0 failed with exit code {code}")
+    name, _, version = out.getvalue().strip().partition("/")
+    assert version == "1", out.getvalue()
+    return ModelRepository(root), name

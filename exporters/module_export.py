@@ -1,0 +1,73 @@
+"""The Python API: any ``nn.Module`` -> a parity-checked, carded version in a repository.
+
+Every other PyTorch source (EfficientNet-Lite, torchvision, timm) builds a
+module and a card, then comes here.
+
+Example:
+    >>> from service.card import ModelCard
+    >>> from service.repository import ModelRepository
+    >>> card = ModelCard(name="my-net", labels=("cat", "dog"), train_resolution=224)  # doctest: +SKIP
+    >>> final = export_module(net, card, ModelRepository("models"))                     # doctest: +SKIP
+    >>> final.version, final.parity.max_abs_diff                                        # doctest: +SKIP
+    (1, 4.3e-06)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+from service.card import ModelCard
+from service.repository import ModelRepository, validate_name
+
+from exporters.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, to_onnx
+from exporters.parity import DEFAULT_TOLERANCE, check_parity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+__all__ = ["export_module"]
+
+_log = logging.getLogger(__name__)
+
+
+def export_module(
+    module: "nn.Module",
+    card: ModelCard,
+    repo: ModelRepository,
+    name: str | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    resolutions: Sequence[int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ModelCard:
+    """Export ``module`` to ONNX, prove parity, and store a new version.
+
+    Args:
+        module: a classifier taking (N, 3, H, W) float32 normalised per ``card``
+            and returning (N, len(card.labels)) logits. It is put in eval mode.
+        card: how to feed the model (labels, resolution, crop_pct, interpolation,
+            mean/std on 0..255, source). ``version``, ``onnx_sha256``, ``opset``
+            and ``parity`` are filled in here.
+        repo: where to store the version.
+        name: model name in the repository (default: ``card.name``).
+        opset: ONNX opset.
+        resolutions: parity resolutions (default: native, 0.875x, 1.3x).
+        tolerance: largest allowed absolute logit difference.
+
+    Returns:
+        The stored card, with its version and parity record.
+
+    Raises:
+        InvalidName: ``name`` is not a valid model name (checked before exporting).
+        ExportError: export or the ONNX checker failed.
+        ParityError: ONNX Runtime and PyTorch disagree, with the numbers.
+    """
+    name = validate_name(name or card.name)
+    card = card.replace(name=name, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
+    module.eval()
+    onnx_bytes = to_onnx(module, card.resolution, opset=opset)
+    parity = check_parity(module, onnx_bytes, card, resolutions=resolutions, tolerance=tolerance)
+    _log.info("%s parity: max abs logit difference %.3g, top-1 agreement %.3f on %d inputs at %s px",
+              name, parity.max_abs_diff, parity.top1_agreement, len(parity.images), parity.resolutions)
+    return repo.add(name, onnx_bytes, card.replace(parity=parity))

@@ -1,0 +1,305 @@
+"""The protocols: which views of one image to evaluate, and how to reduce their predictions.
+
+Every view is a :class:`~service.preprocess.Box` resampled by
+:func:`service.preprocess.render` (the one preprocessing implementation), either of the
+decoded photo or of an embed canvas. Shifts are whole *output* pixels of the view
+(``shift_box``); zooms use ``zoom_box``.
+
+How each policy meets a transformed input ("the camera moved"):
+
+- ``center``: the centre box shifted / zoomed (exactly the crop windows of Azulay & Weiss,
+  ImageNet-P and Zhang 2019).
+- ``object``: the localiser is run again on the *transformed frame* (the whole photo moved by
+  the same output pixels, or zoomed about its centre), so the measurement covers the whole
+  policy, localiser included, not just the model at a fixed framing.
+
+Zoom: ``z`` magnifies the content of the policy's view about its centre (``zoom_box``): z = 0.4
+shows 2.5x the side (content beyond the photo is the model's mean colour, as in ImageNet-P's
+zoom-out frames), z = 1 is the served view, z = 1.15 crops in. The ImageNet-P scale sequence is
+0.40 -> 1.15 in 0.025 steps (31 frames); the +-5% pairs are (1.0, 0.95) and (1.0, 1.05).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from service.card import ModelCard
+from service.localize import object_box
+from service.preprocess import Box, center_box, render, shift_box, zoom_box
+
+__all__ = ["PROTOCOLS", "POLICIES", "ProtocolConfig", "ViewSpec", "ImagePlan", "plan_image"]
+
+PROTOCOLS = ("pan", "scale", "embed", "consistency", "resolution")
+POLICIES = ("center", "object")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Protocol sizes (defaults keep 200 images x all protocols within a few minutes on 2 cores)."""
+
+    protocols: tuple[str, ...] = PROTOCOLS
+    policies: tuple[str, ...] = POLICIES
+    pan_offsets: tuple[int, ...] = (-4, -3, -2, -1, 0, 1, 2, 3)  # A&W: pairs (o, o) vs (o+1, o+1)
+    translate_frames: int = 9          # ImageNet-P uses 41 (-20..+20); frames centred on 0
+    zoom_start: float = 0.40
+    zoom_stop: float = 1.15
+    zoom_step: float = 0.025
+    embed_sizes: tuple[float, ...] = (0.4, 0.5, 0.7, 1.0)
+    embed_positions: int = 2           # seeded random positions per size, each with a +1 px diagonal pair
+    consistency_pairs: int = 1         # Zhang 2019 draws one pair per image per epoch
+    consistency_range: int = 32        # offsets uniform in [0, 32) px
+    resolution_factors: tuple[float, ...] = (0.875, 1.0, 1.15, 1.3, 1.5)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise ValueError(f"unknown protocols {bad}: use some of {', '.join(PROTOCOLS)}")
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad or not self.policies:
+            raise ValueError(f"unknown policies {bad}: use some of {', '.join(POLICIES)}")
+        if self.translate_frames < 2:
+            raise ValueError(f"translate_frames must be >= 2, got {self.translate_frames}")
+        if not 0 < self.zoom_start < self.zoom_stop or self.zoom_step <= 0:
+            raise ValueError("zoom sequence needs 0 < start < stop and step > 0")
+        if not (self.zoom_start <= 0.95 and self.zoom_stop >= 1.05):
+            raise ValueError("the zoom sequence must include 0.95 and 1.05 (the +-5% pairs)")
+        if self.embed_positions < 1 or self.consistency_pairs < 1:
+            raise ValueError("embed_positions and consistency_pairs must be >= 1")
+        if any(not 0 < s <= 1 for s in self.embed_sizes):
+            raise ValueError(f"embed sizes must be in (0, 1], got {self.embed_sizes}")
+
+    @property
+    def zooms(self) -> tuple[float, ...]:
+        n = int(round((self.zoom_stop - self.zoom_start) / self.zoom_step)) + 1
+        return tuple(round(self.zoom_start + i * self.zoom_step, 6) for i in range(n))
+
+    @property
+    def translate_offsets(self) -> tuple[int, ...]:
+        start = -(self.translate_frames // 2)
+        return tuple(range(start, start + self.translate_frames))
+
+    def resolutions(self, card: ModelCard) -> tuple[int, ...]:
+        return tuple(sorted({int(round(card.train_resolution * f)) for f in self.resolution_factors}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocols": list(self.protocols), "policies": list(self.policies),
+            "pan_offsets": list(self.pan_offsets), "translate_frames": self.translate_frames,
+            "zooms": list(self.zooms), "embed_sizes": list(self.embed_sizes),
+            "embed_positions": self.embed_positions, "consistency_pairs": self.consistency_pairs,
+            "consistency_range": self.consistency_range, "resolution_factors": list(self.resolution_factors),
+        }
+
+
+@dataclass
+class ViewSpec:
+    """One model input: a box of an image, rendered at a resolution."""
+
+    image: Image.Image
+    box: Box
+    resolution: int
+
+
+Reducer = Callable[[dict[Any, np.ndarray]], dict[str, Any]]
+
+
+@dataclass
+class ImagePlan:
+    """All views of one image (deduplicated by key) and how to turn their softmax rows into a record."""
+
+    views: dict[Any, ViewSpec] = field(default_factory=dict)
+    reducers: list[Reducer] = field(default_factory=list)
+
+    def add(self, key: Any, spec: ViewSpec) -> Any:
+        self.views.setdefault(key, spec)
+        return key
+
+
+def _r(box: Box) -> tuple[float, ...]:
+    return tuple(round(v, 4) for v in (box.x0, box.y0, box.x1, box.y1))
+
+
+def plan_image(
+    img: Image.Image, card: ModelCard, cfg: ProtocolConfig, label: int | None, rng: np.random.Generator,
+) -> ImagePlan:
+    """Views and reducers for one decoded image under every configured protocol and policy.
+
+    The reducers fill a record ``{policy: {metric_key: [sum, count]}, "curves": ..., "flips": ...}``.
+    """
+    from robustness import metrics
+
+    plan = ImagePlan()
+    R = card.resolution
+    crop = card.crop_pct
+    bgc = tuple(card.mean)
+    interp = card.interpolation
+    w, h = img.size
+    cbox = center_box(w, h, R, crop)
+    cpx = cbox.width / R  # image pixels per output pixel of the served centre view
+    obj_cache: dict[Any, Box] = {}
+
+    def policy_box(policy: str, dx: float = 0.0, dy: float = 0.0, zoom: float = 1.0, res: int = R) -> Box:
+        """The policy's box when the input moved by (dx, dy) output pixels at ``res`` and zoomed."""
+        if policy == "center":
+            return zoom_box(shift_box(cbox, dx, dy, res), zoom) if zoom != 1.0 else shift_box(cbox, dx, dy, res)
+        key = (round(dx * R / res, 6), round(dy * R / res, 6), zoom)
+        if key not in obj_cache:
+            frame = Box(key[0] * cpx, key[1] * cpx, w + key[0] * cpx, h + key[1] * cpx)
+            if zoom != 1.0:
+                frame = zoom_box(frame, zoom)
+            obj_cache[key] = object_box(img, crop_pct=crop, background=bgc, frame=frame, resolution=R)
+        return obj_cache[key]
+
+    def view(policy: str, tag: str, dx: float = 0.0, dy: float = 0.0, zoom: float = 1.0, res: int = R) -> Any:
+        box = policy_box(policy, dx, dy, zoom, res)
+        return plan.add(("photo", _r(box), res), ViewSpec(img, box, res))
+
+    policies = cfg.policies
+    labels = None if label is None else np.asarray([label])
+
+    # ---- base views and accuracy (always)
+    base = {p: view(p, "base") for p in policies}
+
+    def reduce_base(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in policies:
+            row = probs[base[p]][None]
+            out[p] = {"top1_class": int(np.argmax(row[0]))}
+            if labels is not None:
+                out[p]["accuracy.top1"] = list(metrics.top_k_hits(row, labels, 1))
+                out[p]["accuracy.top5"] = list(metrics.top_k_hits(row, labels, 5))
+        return out
+
+    plan.reducers.append(reduce_base)
+
+    if "pan" in cfg.protocols:
+        offs = sorted(set(cfg.pan_offsets) | {o + 1 for o in cfg.pan_offsets})
+        diag = {p: {o: view(p, "pan", o, o) for o in offs} for p in policies}
+        trans = {p: [view(p, "tr", d, 0) for d in cfg.translate_offsets] for p in policies}
+
+        def reduce_pan(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for p in policies:
+                a = np.stack([probs[diag[p][o]] for o in cfg.pan_offsets])
+                b = np.stack([probs[diag[p][o + 1]] for o in cfg.pan_offsets])
+                seq = np.array([int(np.argmax(probs[k])) for k in trans[p]])
+                flips = metrics.flips_along(seq)
+                out[p] = {
+                    "pan.p_change": list(metrics.p_change(a.argmax(1), b.argmax(1))),
+                    "pan.mac": list(metrics.mac(a, b)),
+                    "pan.flip_probability": list(metrics.flip_probability(seq)),
+                    "curve.translate": flips.tolist(),
+                    "flips": int(flips.sum() + (a.argmax(1) != b.argmax(1)).sum()),
+                }
+            return out
+
+        plan.reducers.append(reduce_pan)
+
+    if "scale" in cfg.protocols:
+        zooms = cfg.zooms
+        zviews = {p: [view(p, "zoom", zoom=z) for z in zooms] for p in policies}
+        i100 = zooms.index(1.0) if 1.0 in zooms else int(np.argmin([abs(z - 1) for z in zooms]))
+        i95 = int(np.argmin([abs(z - 0.95) for z in zooms]))
+        i105 = int(np.argmin([abs(z - 1.05) for z in zooms]))
+
+        def reduce_scale(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for p in policies:
+                seq = np.array([int(np.argmax(probs[k])) for k in zviews[p]])
+                flips = metrics.flips_along(seq)
+                out[p] = {
+                    "scale.p_change": list(metrics.p_change(seq[[i100, i100]], seq[[i95, i105]])),
+                    "scale.flip_probability": list(metrics.flip_probability(seq)),
+                    "curve.zoom": flips.tolist(),
+                    "flips": int(flips.sum()),
+                }
+            return out
+
+        plan.reducers.append(reduce_scale)
+
+    if "embed" in cfg.protocols:
+        C = int(round(R / crop))
+        w0 = (C - R) // 2
+        obj = Image.fromarray(render(img, cbox, R, interp, bgc))  # the object: the centre-policy view
+        fill = tuple(int(round(v)) for v in bgc)
+        ccan = center_box(C, C, R, crop)
+        emb: dict[str, dict[float, list[tuple[Any, Any]]]] = {p: {} for p in policies}
+        for size in cfg.embed_sizes:
+            S = max(1, int(round(size * R)))
+            small = Image.fromarray(render(obj, Box(0, 0, R, R), S, interp, bgc)) if S != R else obj
+            slack = max(R - S - 1, 0)
+            for j in range(cfg.embed_positions):
+                x, y = (int(v) for v in rng.integers(0, slack + 1, size=2))
+                pair = []
+                for k in range(2):
+                    canvas = Image.new("RGB", (C, C), fill)
+                    canvas.paste(small, (w0 + x + k, w0 + y + k))
+                    pair.append(canvas)
+                for p in policies:
+                    keys = []
+                    for k, canvas in enumerate(pair):
+                        box = ccan if p == "center" else object_box(
+                            canvas, crop_pct=crop, background=bgc, resolution=R)
+                        keys.append(plan.add(("embed", size, j, k, p), ViewSpec(canvas, box, R)))
+                    emb[p].setdefault(size, []).append((keys[0], keys[1]))
+
+        def reduce_embed(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for p in policies:
+                rec: dict[str, Any] = {}
+                for size, pairs in emb[p].items():
+                    a = np.stack([probs[k0] for k0, _ in pairs])
+                    b = np.stack([probs[k1] for _, k1 in pairs])
+                    rec[f"embed@{size:g}.p_change"] = list(metrics.p_change(a.argmax(1), b.argmax(1)))
+                    if labels is not None:
+                        rec[f"embed@{size:g}.accuracy"] = list(
+                            metrics.top_k_hits(np.concatenate([a, b]), np.repeat(labels, 2 * len(a)), 1))
+                out[p] = rec
+            return out
+
+        plan.reducers.append(reduce_embed)
+
+    if "consistency" in cfg.protocols:
+        half = cfg.consistency_range / 2.0
+        cons: dict[str, list[tuple[Any, Any]]] = {p: [] for p in policies}
+        for j in range(cfg.consistency_pairs):
+            o = rng.integers(0, cfg.consistency_range, size=4)
+            for p in policies:
+                k1 = view(p, "cons", o[0] - half, o[1] - half)
+                k2 = view(p, "cons", o[2] - half, o[3] - half)
+                cons[p].append((k1, k2))
+
+        def reduce_cons(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for p in policies:
+                a = [int(np.argmax(probs[k1])) for k1, _ in cons[p]]
+                b = [int(np.argmax(probs[k2])) for _, k2 in cons[p]]
+                out[p] = {"consistency": list(metrics.consistency(a, b))}
+            return out
+
+        plan.reducers.append(reduce_cons)
+
+    if "resolution" in cfg.protocols:
+        resolutions = cfg.resolutions(card)
+        rviews = {p: {r: (view(p, "res", res=r), view(p, "res", 1, 1, res=r)) for r in resolutions}
+                  for p in policies}
+
+        def reduce_res(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for p in policies:
+                rec: dict[str, Any] = {}
+                for r, (k0, k1) in rviews[p].items():
+                    a, b = probs[k0][None], probs[k1][None]
+                    rec[f"resolution@{r}.p_change"] = list(metrics.p_change(a.argmax(1), b.argmax(1)))
+                    if labels is not None:
+                        rec[f"resolution@{r}.accuracy"] = list(metrics.top_k_hits(a, labels, 1))
+                        rec[f"resolution@{r}.top5"] = list(metrics.top_k_hits(a, labels, 5))
+                out[p] = rec
+            return out
+
+        plan.reducers.append(reduce_res)
+    return plan

@@ -1,0 +1,467 @@
+"""The data plane: served versions, validation, version routing, side traffic. No Ray, no HTTP.
+
+Routes decode HTTP and call :class:`DataPlane`; the data plane validates, picks the
+version (production, a canary draw of the candidate, or the one asked for), runs the
+card's preprocessing in a thread pool and hands one image tensor at a time to an
+``infer`` coroutine: in the service that is the deployment's ``@serve.batch`` method,
+in unit tests a direct ONNX Runtime call. Shadow scoring and live robustness checks run
+as background tasks after the answer is ready, bounded by ``max_background``.
+
+Example:
+    >>> plane = DataPlane(settings, ModelRepository(root), Metrics("memory"))   # doctest: +SKIP
+    >>> plane.load_all()                                                         # doctest: +SKIP
+    >>> await plane.classify("lite0", jpeg_bytes, top_k=5)                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import numpy as np
+
+from service.card import ModelCard
+from service.errors import (
+    ImageTooLarge,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    SteadyError,
+    VersionNotFound,
+)
+from service.metrics import Metrics
+from service.preprocess import Preprocessor, shift_box, to_original, zoom_box
+from service.repository import ModelRepository, parse_version, read_json, validate_name
+from service.runtime import Classifier, RuntimeOptions, softmax
+from service.settings import ServeSettings
+from service import v2
+
+__all__ = ["ServedVersion", "Catalog", "DataPlane", "InferFn", "load_version", "read_robustness"]
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[["ServedVersion", np.ndarray], Awaitable[np.ndarray]]
+"""(served version, one (3, H, W) float32 tensor) -> (num_classes,) float32 logits."""
+
+MAX_V2_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One loaded, verified and warmed-up model version."""
+
+    model: str
+    version: int
+    stage: str
+    card: ModelCard
+    sha256: str
+    classifier: Classifier = field(repr=False, compare=False)
+    pre: Preprocessor = field(repr=False, compare=False)
+    robustness: dict[str, Any] | None = None
+    chosen: dict[str, Any] | None = None
+
+    @property
+    def policy(self) -> str:
+        return self.pre.policy
+
+    @property
+    def resolution(self) -> int:
+        return self.pre.resolution
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "stage": self.stage,
+            "sha256": self.sha256,
+            "policy": self.policy,
+            "resolution": self.resolution,
+            "num_classes": self.card.num_classes,
+            "robustness": self.robustness,
+            "chosen": self.chosen,
+        }
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """An immutable snapshot of what is served: swapped whole on reload."""
+
+    models: Mapping[str, Mapping[str, ServedVersion]]  # model -> stage -> served
+
+    def get(self, model: str) -> Mapping[str, ServedVersion]:
+        entry = self.models.get(model)
+        if not entry:
+            raise ModelNotFound(f"model {model!r} is not served")
+        return entry
+
+    def all(self) -> list[ServedVersion]:
+        return [sv for stages in self.models.values() for sv in stages.values()]
+
+
+def read_robustness(path: Any, sha256: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(summary, chosen) from ``robustness.json`` when it exists and is bound to ``sha256``."""
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None, None
+    if not isinstance(data, dict) or data.get("model_sha256") != sha256:
+        log.warning("ignoring %s: not bound to model sha256 %s", path, sha256[:12])
+        return None, None
+    summary = data.get("summary") if isinstance(data.get("summary"), dict) else None
+    chosen = data.get("chosen") if isinstance(data.get("chosen"), dict) else None
+    return summary, chosen
+
+
+def load_version(repo: ModelRepository, model: str, version: int, stage: str, settings: ServeSettings) -> ServedVersion:
+    """Load (checksum-verified), build the preprocessing and warm up at every batch size. Blocking."""
+    loaded = repo.load(model, version)
+    card = loaded.card
+    summary, chosen = read_robustness(loaded.path / "robustness.json", loaded.sha256)
+    policy, resolution = card.policy, card.resolution
+    if chosen:
+        if chosen.get("policy") in ("center", "object"):
+            policy = chosen["policy"]
+        if isinstance(chosen.get("resolution"), int) and chosen["resolution"] >= 8:
+            resolution = chosen["resolution"]
+    classifier = Classifier(
+        loaded.onnx_bytes, card,
+        RuntimeOptions(provider=settings.provider, intra_op_threads=settings.ort_threads, inter_op_threads=1,
+                       allow_spinning=settings.ort_spinning),
+    )
+    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels)
+    for size in settings.batch_sizes_to_warm:
+        warm = np.zeros((size, 3, resolution, resolution), dtype=np.float32)
+        logits = classifier.logits(warm)
+        if logits.shape != (size, card.num_classes) or not np.all(np.isfinite(logits)):
+            raise SteadyError(f"{model}/{version} failed warm-up at batch {size}: logits {logits.shape}")
+    return ServedVersion(model, version, stage, card, loaded.sha256, classifier, pre, summary, chosen)
+
+
+@dataclass
+class _Prepared:
+    tensor: np.ndarray  # (3, R, R) float32
+    image: Any  # decoded PIL image (for side traffic)
+    box: Any
+
+
+class DataPlane:
+    """Validation, routing and side traffic over a swappable :class:`Catalog`."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        repo: ModelRepository,
+        metrics: Metrics,
+        infer: InferFn | None = None,
+        executor: Executor | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.metrics = metrics
+        self.executor = executor or ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="steady-pre")
+        self.infer: InferFn = infer or self._direct_infer
+        self.rng = rng or random.Random(settings.seed)
+        self.catalog = Catalog({})
+        self.ready = False
+        self.inflight = 0
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ loading
+    def load_all(self) -> Catalog:
+        """Load every model's production (and candidate) version; readiness turns on after. Blocking."""
+        catalog, errors = self._build_catalog(Catalog({}))
+        if errors:
+            raise SteadyError("; ".join(errors))
+        self._install(catalog)
+        self.ready = True
+        return catalog
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read stages; load and warm new versions before switching; never replace a healthy one with a broken one."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            old = self.catalog
+            catalog, errors = await loop.run_in_executor(None, self._build_catalog, old)
+            self._install(catalog, previous=old)
+            before = {(sv.model, sv.version, sv.stage) for sv in old.all()}
+            after = {(sv.model, sv.version, sv.stage) for sv in catalog.all()}
+            return {
+                "served": {m: {s: sv.version for s, sv in stages.items()} for m, stages in catalog.models.items()},
+                "added": [f"{m}/{v} ({s})" for m, v, s in sorted(after - before)],
+                "removed": [f"{m}/{v} ({s})" for m, v, s in sorted(before - after)],
+                "errors": errors,
+            }
+
+    def _build_catalog(self, old: Catalog) -> tuple[Catalog, list[str]]:
+        models: dict[str, dict[str, ServedVersion]] = {}
+        errors: list[str] = []
+        reusable = {(sv.model, sv.version, sv.sha256): sv for sv in old.all()}
+        for name in self.repo.models():
+            try:
+                versions = self.repo.versions(name)
+                if not versions:
+                    continue
+                stages = self.repo.stages(name)
+                wanted = {"production": stages.production if stages.production is not None else versions[-1]}
+                if stages.candidate is not None and stages.candidate != wanted["production"]:
+                    wanted["candidate"] = stages.candidate
+            except SteadyError as exc:
+                errors.append(f"{name}: {exc}")
+                if name in old.models:
+                    models[name] = dict(old.models[name])
+                continue
+            entry: dict[str, ServedVersion] = {}
+            for stage, version in wanted.items():
+                try:
+                    sha = self.repo.verify(name, version)
+                    served = reusable.get((name, version, sha))
+                    if served is None:
+                        served = load_version(self.repo, name, version, stage, self.settings)
+                    elif served.stage != stage:
+                        served = replace(served, stage=stage)
+                    entry[stage] = served
+                except SteadyError as exc:
+                    errors.append(f"{name}/{version}: {exc}")
+                    previous = old.models.get(name, {}).get(stage)
+                    if previous is not None:  # keep serving the healthy one
+                        entry[stage] = previous
+            if entry:
+                models[name] = entry
+        return Catalog(models), errors
+
+    def _install(self, catalog: Catalog, previous: Catalog | None = None) -> None:
+        self.catalog = catalog
+        now = {(sv.model, sv.version, sv.stage) for sv in catalog.all()}
+        for sv in (previous.all() if previous else []):
+            if (sv.model, sv.version, sv.stage) not in now:
+                self.metrics.served(sv.model, str(sv.version), sv.stage, sv.policy, sv.resolution, sv.sha256, None,
+                                    serving=False)
+        for sv in catalog.all():
+            self.metrics.served(sv.model, str(sv.version), sv.stage, sv.policy, sv.resolution, sv.sha256, sv.robustness)
+
+    def publish_gauges(self) -> None:
+        """Re-set the model info and robustness gauges (Ray drops gauges not refreshed for ~2 report intervals)."""
+        for sv in self.catalog.all():
+            self.metrics.served(sv.model, str(sv.version), sv.stage, sv.policy, sv.resolution, sv.sha256, sv.robustness)
+
+    # ------------------------------------------------------------------ routing
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        return {
+            "models": [
+                {"name": name, "versions": [sv.describe() for sv in stages.values()]}
+                for name, stages in sorted(self.catalog.models.items())
+            ]
+        }
+
+    def lookup(self, model: str, version: str | int | None) -> ServedVersion:
+        """The served version asked for (404 when not served), without canary routing."""
+        validate_name(model)
+        stages = self.catalog.get(model)
+        if version is None or version == "":
+            return stages["production"]
+        wanted = parse_version(version)
+        for sv in stages.values():
+            if sv.version == wanted:
+                return sv
+        raise VersionNotFound(f"model {model!r} does not serve version {wanted}; served: {sorted(s.version for s in stages.values())}")
+
+    def route(self, model: str, version: str | int | None) -> ServedVersion:
+        """The version to answer with: the one asked for, else a canary draw, else production."""
+        if version is not None and version != "":
+            return self.lookup(model, version)
+        validate_name(model)
+        stages = self.catalog.get(model)
+        candidate = stages.get("candidate")
+        if (candidate is not None and self.settings.candidate_mode_of(model) == "canary"
+                and self.rng.random() < self.settings.canary_fraction):
+            return candidate
+        return stages["production"]
+
+    def versions_of(self, model: str) -> list[ServedVersion]:
+        validate_name(model)
+        return list(self.catalog.get(model).values())
+
+    # ------------------------------------------------------------------ admission
+    def admit(self) -> None:
+        if not self.ready:
+            raise Overloaded("models are still loading")
+        if self.inflight >= self.settings.max_inflight:
+            raise Overloaded(f"over {self.settings.max_inflight} requests in flight; retry later")
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight -= 1
+
+    # ------------------------------------------------------------------ REST
+    async def classify(self, model: str, data: bytes, top_k: int = 5, version: str | None = None) -> tuple[ServedVersion, dict[str, Any]]:
+        """Bytes of one image -> (served version, response document)."""
+        if not isinstance(top_k, int) or top_k < 1 or top_k > 1000:
+            raise InvalidInput(f"top_k must be an integer in [1, 1000], got {top_k!r}")
+        served = self.route(model, version)
+        prepared = await self._prepare(served, data)
+        logits = await self.infer(served, prepared.tensor)
+        preds = served.classifier.top_k(logits[None, :], top_k)[0]
+        self._side_traffic(served, prepared, logits)
+        return served, {
+            "model": served.model,
+            "version": served.version,
+            "stage": served.stage,
+            "predictions": [p.to_dict() for p in preds],
+            "preprocess": {
+                "policy": served.policy,
+                "resolution": served.resolution,
+                "box": to_original(prepared.box, prepared.image).as_list(),
+            },
+        }
+
+    async def _prepare(self, served: ServedVersion, data: bytes) -> _Prepared:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._prepare_sync, served, data)
+
+    def _prepare_sync(self, served: ServedVersion, data: bytes) -> _Prepared:
+        start = time.perf_counter()
+        img = served.pre.decode(data)
+        view = served.pre.view(img)
+        tensor = served.pre.to_tensor(view.pixels[None])[0]
+        self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
+        return _Prepared(tensor, img, view.box)
+
+    async def _direct_infer(self, served: ServedVersion, tensor: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        logits = await loop.run_in_executor(None, served.classifier.logits, tensor[None])
+        self.metrics.batch(served.model, str(served.version), 1, time.perf_counter() - start, [0.0])
+        return logits[0]
+
+    # ------------------------------------------------------------------ side traffic
+    def _side_traffic(self, served: ServedVersion, prepared: _Prepared, logits: np.ndarray) -> None:
+        if served.stage != "production":
+            return
+        stages = self.catalog.models.get(served.model, {})
+        candidate = stages.get("candidate")
+        s = self.settings
+        if candidate is not None and s.candidate_mode_of(served.model) == "shadow" and self.rng.random() < s.shadow_fraction:
+            self._spawn("shadow", self._shadow(served, candidate, prepared, int(np.argmax(logits))))
+        if s.live_fraction > 0 and self.rng.random() < s.live_fraction:
+            self._spawn("live", self._live(served, prepared, int(np.argmax(logits))))
+
+    def _spawn(self, kind: str, coro: Awaitable[None]) -> None:
+        if len(self._background) >= self.settings.max_background:
+            self.metrics.dropped(kind)
+            coro.close()  # type: ignore[attr-defined]
+            return
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, served: ServedVersion, candidate: ServedVersion, prepared: _Prepared, top1: int) -> None:
+        try:
+            if (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
+                    and candidate.card.mean == served.card.mean and candidate.card.std == served.card.std:
+                tensor = prepared.tensor
+            else:
+                loop = asyncio.get_running_loop()
+                tensor = await loop.run_in_executor(self.executor, self._render, candidate, prepared.image, None)
+            cand_logits = await self.infer(candidate, tensor)
+            self.metrics.shadow(served.model, str(served.version), str(candidate.version),
+                                int(np.argmax(cand_logits)) == top1)
+        except Exception:  # noqa: BLE001 - side traffic must never hurt the answer
+            log.exception("shadow scoring failed for %s/%s", candidate.model, candidate.version)
+
+    async def _live(self, served: ServedVersion, prepared: _Prepared, top1: int) -> None:
+        s = self.settings
+        boxes = {
+            "shift": shift_box(prepared.box, s.live_shift_px, s.live_shift_px, served.resolution),
+            "zoom": zoom_box(prepared.box, s.live_zoom),
+        }
+        loop = asyncio.get_running_loop()
+        for transform, box in boxes.items():
+            try:
+                tensor = await loop.run_in_executor(self.executor, self._render, served, prepared.image, box)
+                other = await self.infer(served, tensor)
+                self.metrics.live_check(served.model, str(served.version), transform, int(np.argmax(other)) != top1)
+            except Exception:  # noqa: BLE001 - side traffic must never hurt the answer
+                log.exception("live robustness check failed for %s/%s", served.model, served.version)
+
+    @staticmethod
+    def _render(served: ServedVersion, image: Any, box: Any) -> np.ndarray:
+        view = served.pre.view(image, box)
+        return served.pre.to_tensor(view.pixels[None])[0]
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for side tasks (tests, shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
+    # ------------------------------------------------------------------ V2
+    async def infer_v2(self, model: str, version: str | None, request: v2.InferRequest) -> tuple[ServedVersion, list[v2.OutputTensor], list[bool]]:
+        """A decoded V2 request -> (served version, outputs, binary flag per output)."""
+        served = self.route(model, version)
+        names = [t.name for t in request.inputs]
+        unknown = sorted(set(names) - {"image", "input"})
+        if unknown:
+            raise InvalidInput(f"unknown input {unknown[0][:40]!r}: model {model!r} takes 'image' (BYTES) or 'input' (FP32)")
+        if len(names) != 1:
+            raise InvalidInput("supply exactly one input: 'image' (BYTES, encoded images) or 'input' (FP32, preprocessed)")
+        tensor = request.inputs[0]
+        if tensor.name == "image":
+            if tensor.datatype != "BYTES" or tensor.elements is None:
+                raise InvalidInput(f"input 'image' must be BYTES, got {tensor.datatype}")
+            if not tensor.elements:
+                raise InvalidInput("input 'image' has no elements")
+            if len(tensor.elements) > MAX_V2_BATCH:
+                raise InvalidInput(f"input 'image' has {len(tensor.elements)} images; at most {MAX_V2_BATCH} per request")
+            prepared = await asyncio.gather(*(self._prepare(served, e) for e in tensor.elements))
+            rows = [p.tensor for p in prepared]
+        else:
+            rows = self._validate_fp32(served, tensor)
+        logits = np.stack(await asyncio.gather(*(self.infer(served, r) for r in rows)))
+        outputs, binary = self._v2_outputs(served, logits, request)
+        return served, outputs, binary
+
+    def _validate_fp32(self, served: ServedVersion, tensor: v2.InputTensor) -> list[np.ndarray]:
+        if tensor.datatype != "FP32" or tensor.array is None:
+            raise InvalidInput(f"input 'input' must be FP32, got {tensor.datatype}")
+        arr = tensor.array
+        if arr.ndim != 4 or arr.shape[1] != 3:
+            raise InvalidInput(f"input 'input' must have shape [N, 3, H, W], got {list(arr.shape)}")
+        n, _, h, w = arr.shape
+        if n < 1 or n > MAX_V2_BATCH:
+            raise InvalidInput(f"input 'input' batch dimension must be in [1, {MAX_V2_BATCH}], got {n}")
+        if h < 8 or w < 8:
+            raise InvalidInput(f"input 'input' height and width must be >= 8, got {h}x{w}")
+        limit = 4 * served.resolution
+        if h > limit or w > limit:
+            raise ImageTooLarge(f"input 'input' is {h}x{w}; at most {limit}x{limit} for this model")
+        if not np.all(np.isfinite(arr)):
+            raise InvalidInput("input 'input' contains NaN or infinite values")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        return [arr[i] for i in range(n)]
+
+    def _v2_outputs(self, served: ServedVersion, logits: np.ndarray, request: v2.InferRequest) -> tuple[list[v2.OutputTensor], list[bool]]:
+        wanted = request.outputs or [v2.OutputRequest(name="logits")]
+        outputs: list[v2.OutputTensor] = []
+        binary: list[bool] = []
+        for out in wanted:
+            if out.name != "logits":
+                raise InvalidInput(f"unknown output {out.name[:40]!r}: model {served.model!r} has output 'logits'")
+            as_binary = out.binary if out.binary is not None else request.binary_output
+            if out.classification:
+                k = min(out.classification, served.card.num_classes)
+                strings = v2.classification_strings(logits, k, served.card.labels, softmax(logits.copy()))
+                outputs.append(v2.OutputTensor("logits", "BYTES", (logits.shape[0], k), elements=strings))
+            else:
+                outputs.append(v2.OutputTensor("logits", "FP32", tuple(logits.shape), array=logits))
+            binary.append(bool(as_binary))
+        return outputs, binary
+

@@ -1,0 +1,97 @@
+"""The thin Ray Serve deployment: one ingress class wrapping the data plane, with ``@serve.batch``.
+
+Every request enters the replica's Starlette app (:mod:`service.routes`); each image
+tensor goes through one ``@serve.batch`` queue (shared by every served version; a batch is
+split by version and shape before ONNX Runtime runs), so dynamic batching happens where
+the model lives and nothing crosses a process boundary twice.
+
+Example:
+    >>> app = SteadyServer.options(**s.deployment_options()).bind(s.to_dict())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from service.dataplane import DataPlane, ServedVersion
+from service.metrics import Metrics
+from service.repository import ModelRepository
+from service.routes import build_routes
+from service.settings import ServeSettings
+
+__all__ = ["SteadyServer"]
+
+log = logging.getLogger(__name__)
+
+GAUGE_REFRESH_S = 2.0  # Ray evicts gauges not re-set within two report intervals
+
+
+@serve.deployment(name="steady")
+@serve.ingress()
+class SteadyServer:
+    """Loads, verifies and warms every served version in ``__init__``: a replica is ready only after."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = ServeSettings.from_dict(settings)
+        self.metrics = Metrics("ray")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="steady-ort")
+        self.plane = DataPlane(self.settings, ModelRepository(self.settings.repo), self.metrics, infer=self._infer)
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.plane.load_all)
+        self._gauges = asyncio.get_running_loop().create_task(self._publish_gauges())
+        log.info("steady replica ready: %s", {m: {s: v.version for s, v in st.items()}
+                                              for m, st in self.plane.catalog.models.items()})
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_routes(self.plane, self.settings, self.metrics)
+
+    async def _publish_gauges(self) -> None:
+        while True:
+            try:
+                self.plane.publish_gauges()
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                log.exception("publishing gauges failed")
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
+    def check_health(self) -> None:
+        if not self.plane.ready:
+            raise RuntimeError("models are not loaded")
+
+    async def _infer(self, served: ServedVersion, tensor: np.ndarray) -> np.ndarray:
+        result = await self._batched(served, tensor, time.perf_counter())
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.004)
+    async def _batched(self, served: list[ServedVersion], tensors: list[np.ndarray], enqueued: list[float]) -> list[Any]:
+        start = time.perf_counter()
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        for i, (sv, t) in enumerate(zip(served, tensors)):
+            groups.setdefault((id(sv), t.shape), []).append(i)
+        results: list[Any] = [None] * len(tensors)
+        loop = asyncio.get_running_loop()
+        for idx in groups.values():
+            sv = served[idx[0]]
+            batch = np.stack([tensors[i] for i in idx])
+            t0 = time.perf_counter()
+            try:
+                logits = await loop.run_in_executor(self._infer_pool, sv.classifier.logits, batch)
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                for i in idx:
+                    results[i] = exc
+                continue
+            self.metrics.batch(sv.model, str(sv.version), len(idx), time.perf_counter() - t0,
+                               [max(0.0, start - enqueued[i]) for i in idx])
+            for row, i in enumerate(idx):
+                results[i] = logits[row]
+        return results

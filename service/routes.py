@@ -1,0 +1,237 @@
+"""HTTP routes (Starlette): decode requests, call the data plane, encode answers.
+
+One exception handler maps every :class:`~service.errors.SteadyError` to
+``{"error": "..."}`` with its ``status`` (503 adds ``Retry-After``); anything else
+becomes a 500 with the same shape, so bad input never takes a replica down.
+
+Example:
+    >>> app = build_routes(plane, settings, metrics)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import v2
+from service.card import steady_version
+from service.dataplane import DataPlane
+from service.errors import (
+    AdminDisabled,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    SteadyError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from service.metrics import Metrics
+from service.settings import ServeSettings
+
+__all__ = ["build_routes", "parse_multipart_image"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_multipart_image(content_type: str, body: bytes, field: str = "image") -> bytes:
+    """The bytes of form field ``field`` of a multipart/form-data body."""
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise InvalidInput("multipart body could not be parsed (check the boundary)")
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == field:
+            payload = part.get_payload(decode=True)
+            return payload if isinstance(payload, bytes) else b""
+    raise InvalidInput(f"multipart body has no field {field!r}")
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(data, status_code=status, headers=headers)
+
+
+def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) -> Starlette:
+    """The Starlette application over ``plane``."""
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def counted(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Admission (503 when over the in-flight bound) and request metrics for inference routes."""
+
+        async def wrapper(request: Request) -> Response:
+            start = time.perf_counter()
+            model = str(request.path_params.get("model", ""))[:64]
+            labels = {"version": "none", "stage": "none"}
+            request.state.labels = labels
+            code = 500
+            try:
+                plane.admit()
+            except SteadyError as exc:
+                code = exc.status
+                metrics.request(model, labels["version"], labels["stage"], code, time.perf_counter() - start)
+                raise
+            try:
+                response = await handler(request)
+                code = response.status_code
+                return response
+            except SteadyError as exc:
+                code = exc.status
+                raise
+            except Exception as exc:  # noqa: BLE001 - answered as 500 JSON, never crashes the replica
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                code = 500
+                raise SteadyError(f"internal error: {type(exc).__name__}") from exc
+            finally:
+                plane.release()
+                metrics.request(model, labels["version"], labels["stage"], code, time.perf_counter() - start)
+
+        return wrapper
+
+    # ----------------------------------------------------------------- REST
+    @counted
+    async def classify(request: Request) -> Response:
+        model = request.path_params["model"]
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        if not (media.startswith("image/") or media in ("application/octet-stream", "multipart/form-data")):
+            raise UnsupportedMediaType(
+                f"unsupported Content-Type {content_type[:60]!r}: send the image with Content-Type image/* "
+                "or as multipart/form-data field 'image'"
+            )
+        top_raw = request.query_params.get("top_k", "5")
+        if not top_raw.isdigit() or len(top_raw) > 4:
+            raise InvalidInput(f"top_k must be a positive integer, got {top_raw[:20]!r}")
+        version = request.query_params.get("version") or None
+        plane.lookup(model, version)  # 404 before reading a large body
+        body = await read_body(request)
+        if media == "multipart/form-data":
+            body = parse_multipart_image(content_type, body)
+        served, doc = await plane.classify(model, body, int(top_raw), version)
+        request.state.labels.update(version=str(served.version), stage=served.stage)
+        return _json(doc)
+
+    async def list_models(request: Request) -> Response:
+        return _json(plane.models())
+
+    async def reload(request: Request) -> Response:
+        token = settings.admin_token
+        if not token:
+            raise AdminDisabled("admin endpoints are disabled: set admin_token in the config or STEADY_ADMIN_TOKEN")
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("missing or wrong bearer token")
+        result = await plane.reload()
+        return _json(result)
+
+    # ----------------------------------------------------------------- V2
+    async def v2_server(request: Request) -> Response:
+        return _json(v2.server_metadata(steady_version()))
+
+    async def live(request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(request: Request) -> Response:
+        if not plane.ready:
+            return _json({"ready": False, "error": "models are still loading"}, status=503)
+        return _json({"ready": True})
+
+    def _served(request: Request) -> Any:
+        return plane.lookup(request.path_params["model"], request.path_params.get("version"))
+
+    async def v2_model(request: Request) -> Response:
+        sv = _served(request)
+        versions = [request.path_params["version"]] if "version" in request.path_params else \
+            [x.version for x in plane.versions_of(sv.model)]
+        return _json(v2.model_metadata(sv.model, [int(v) for v in versions], sv.card.num_classes))
+
+    async def v2_model_ready(request: Request) -> Response:
+        _served(request)
+        if not plane.ready:
+            return _json({"ready": False}, status=503)
+        return _json({"name": request.path_params["model"], "ready": True})
+
+    async def v2_config(request: Request) -> Response:
+        sv = _served(request)
+        return _json(v2.model_config(sv.model, settings.max_batch_size, sv.card.num_classes, sv.resolution, sv.policy))
+
+    @counted
+    async def v2_infer(request: Request) -> Response:
+        model = request.path_params["model"]
+        version = request.path_params.get("version")
+        plane.lookup(model, version)
+        body = await read_body(request)
+        header_length = v2.parse_header_length(request.headers.get(v2.HEADER_LENGTH), len(body))
+        parsed = v2.parse_infer_request(body, header_length)
+        served, outputs, binary = await plane.infer_v2(model, version, parsed)
+        request.state.labels.update(version=str(served.version), stage=served.stage)
+        payload, json_length = v2.encode_infer_response(
+            served.model, str(served.version), outputs, binary, parsed.id, {"stage": served.stage}
+        )
+        if json_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(json_length)})
+
+    # ----------------------------------------------------------------- errors
+    async def steady_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SteadyError)
+        headers = {"Retry-After": str(settings.retry_after_s)} if exc.status == 503 else None
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
+        return _json({"error": str(exc)}, exc.status, headers)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _json({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}) or None)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
+
+    async def not_found(request: Request) -> Response:
+        raise NotFound(f"no route {request.method} {request.url.path[:100]}")
+
+    m = "/v2/models/{model}"
+    mv = "/v2/models/{model}/versions/{version}"
+    routes = [
+        Route("/v1/models/{model}:classify", classify, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/admin/reload", reload, methods=["POST"]),
+        Route("/v2", v2_server, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+    ]
+    for base in (mv, m):
+        routes += [
+            Route(base, v2_model, methods=["GET"]),
+            Route(base + "/ready", v2_model_ready, methods=["GET"]),
+            Route(base + "/config", v2_config, methods=["GET"]),
+            Route(base + "/infer", v2_infer, methods=["POST"]),
+        ]
+    routes.append(Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]))
+    return Starlette(
+        routes=routes,
+        exception_handlers={SteadyError: steady_error, HTTPException: http_error, Exception: server_error},
+    )

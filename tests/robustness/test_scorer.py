@@ -1,0 +1,103 @@
+"""`steady score` on the tiny model: schema, determinism, labels, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from robustness.data import load_dataset
+from robustness.protocols import ProtocolConfig
+from robustness.schema import SUMMARY_KEYS, validate
+from robustness.scorer import shard
+from service.cli import main
+from service.repository import ModelRepository
+
+FAST = ["--translate-frames", "3", "--zoom-range", "0.9", "1.1", "--no-progress"]
+
+
+def _score(capsys: pytest.CaptureFixture[str], repo: ModelRepository, data: Path, *extra: str) -> dict:
+    code = main(["score", "--repo", str(repo.root), "tiny", "--data", str(data), "--json", *FAST, *extra])
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_score_writes_schema_bound_to_sha_and_data(tiny_repo: ModelRepository, image_folder: tuple[Path, Path],
+                                                   capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data, labels = image_folder
+    doc = _score(capsys, tiny_repo, data, "--labels", str(labels), "--out", str(tmp_path / "out"))
+    validate(doc)
+    stored = json.loads((tiny_repo.version_dir("tiny", 1) / "robustness.json").read_text())
+    assert stored["model_sha256"] == tiny_repo.verify("tiny", 1) == doc["model_sha256"]
+    assert stored["data"]["fingerprint"] == load_dataset(data, labels).fingerprint
+    assert set(doc["summary"]) == set(SUMMARY_KEYS)
+    assert all(isinstance(v, float) for v in doc["summary"].values())
+    for protocol in ("pan", "scale", "embed", "consistency", "resolution"):
+        assert set(doc["protocols"][protocol]) == {"center", "object"}
+    sizes = doc["protocols"]["embed"]["center"]["sizes"]
+    assert [s["size"] for s in sizes] == [0.4, 0.5, 0.7, 1.0]
+    assert set(sizes[1]["p_change"]) == {"value", "ci95", "n"}
+    assert sizes[1]["p_change"]["n"] == 6 * 2  # 6 images x 2 positions
+    assert doc["protocols"]["pan"]["center"]["p_change"]["n"] == 6 * 8  # A&W: 8 pairs per image
+    assert set(doc["chosen"]) >= {"policy", "resolution", "rule"}
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Azulay" in html
+    assert "<script" not in html and "http" not in html.split("<body>")[1].split("Anchors")[0]
+
+
+def test_score_is_deterministic_per_seed(tiny_repo: ModelRepository, image_folder: tuple[Path, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data, labels = image_folder
+    a = _score(capsys, tiny_repo, data, "--labels", str(labels), "--seed", "3")
+    b = _score(capsys, tiny_repo, data, "--labels", str(labels), "--seed", "3")
+    for doc in (a, b):
+        doc.pop("timing"), doc.pop("created")
+    assert a == b
+
+
+def test_unlabelled_summary_has_no_accuracy_and_a_subset_of_protocols(
+        tiny_repo: ModelRepository, image_folder: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    data, _ = image_folder
+    doc = _score(capsys, tiny_repo, data, "--protocols", "pan,embed", "--policies", "center")
+    assert set(doc["summary"]) == {"pan.p_change", "pan.mac", "pan.flip_probability", "embed@0.4.p_change",
+                                   "embed@0.5.p_change", "embed@0.7.p_change"}
+    assert set(doc["protocols"]) == {"pan", "embed"}
+    assert doc["chosen"]["policy"] == "center" and doc["chosen"]["labelled"] is False
+
+
+def test_score_errors_exit_2(tiny_repo: ModelRepository, tmp_path: Path, image_folder: tuple[Path, Path],
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    data, _ = image_folder
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["score", "--repo", str(tiny_repo.root), "tiny", "--data", str(empty), "--no-progress"]) == 2
+    assert main(["score", "--repo", str(tiny_repo.root), "tiny", "--data", str(data), "--protocols", "spin",
+                 "--no-progress"]) == 2
+    assert "spin" in capsys.readouterr().err
+
+
+def test_class_folder_labels(tmp_path: Path, image_folder: tuple[Path, Path]) -> None:
+    data, _ = image_folder
+    root = tmp_path / "folders"
+    for i, f in enumerate(sorted(data.iterdir())):
+        (root / f"n0{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"n0{i % 2}" / f.name).write_bytes(f.read_bytes())
+    ds = load_dataset(root)
+    assert ds.labelled and [it.label for it in ds.items] == [0, 0, 0, 1, 1, 1]
+
+
+def test_config_validation_and_sequences() -> None:
+    cfg = ProtocolConfig()
+    assert len(cfg.zooms) == 31 and cfg.zooms[0] == 0.4 and cfg.zooms[-1] == 1.15  # ImageNet-P scale
+    assert cfg.translate_offsets == (-4, -3, -2, -1, 0, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match="unknown protocols"):
+        ProtocolConfig(protocols=("pan", "tilt"))
+    with pytest.raises(ValueError, match="0.95 and 1.05"):
+        ProtocolConfig(zoom_start=0.97)
+
+
+def test_shards_cover_items_in_order() -> None:
+    items = list(range(10))
+    parts = shard(items, 3)  # type: ignore[arg-type]
+    assert [x for p in parts for x in p] == items and len(parts) == 3

@@ -1,0 +1,238 @@
+"""The data plane without Ray or HTTP: tiny real ONNX model, real JPEGs, in-memory metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service import v2
+from service.dataplane import DataPlane
+from service.errors import ImageTooLarge, InvalidInput, ModelNotFound, Overloaded, UnsupportedImage, VersionNotFound
+from service.metrics import Metrics, robustness_metric_name
+from service.repository import ModelRepository
+from service.settings import ServeSettings
+from tests.conftest import encode, tiny_card
+
+
+@pytest.fixture()
+def photo() -> bytes:
+    rng = np.random.default_rng(1)
+    return encode(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8), "JPEG", quality=90)
+
+
+def _plane(repo: ModelRepository, **overrides: Any) -> DataPlane:
+    settings = ServeSettings.build(repo.root, environ={}, overrides={"seed": 0, "live_fraction": 0.0, **overrides})
+    plane = DataPlane(settings, repo, Metrics("memory"), rng=random.Random(0))
+    plane.load_all()
+    return plane
+
+
+def test_classify_matches_direct_preprocessing(tiny_repo: ModelRepository, photo: bytes) -> None:
+    from service.preprocess import Preprocessor
+    from service.runtime import Classifier
+
+    plane = _plane(tiny_repo)
+    served, doc = asyncio.run(plane.classify("tiny", photo, top_k=3))
+    assert (doc["model"], doc["version"], doc["stage"]) == ("tiny", 1, "production")
+    assert len(doc["predictions"]) == 3 and doc["preprocess"]["policy"] == "center"
+    loaded = tiny_repo.load("tiny", 1)
+    clf = Classifier(loaded.onnx_bytes, loaded.card)
+    expected = clf.top_k(clf.logits(Preprocessor(loaded.card)(photo)), 3)[0]
+    assert [p["index"] for p in doc["predictions"]] == [p.index for p in expected]
+    np.testing.assert_allclose([p["score"] for p in doc["predictions"]], [p.score for p in expected], rtol=1e-5)
+    x0, y0, x1, y1 = doc["preprocess"]["box"]
+    assert 0 <= x0 < x1 <= 160 and 0 <= y0 < y1 <= 120
+    assert plane.metrics.observations("steady_preprocess_seconds", model="tiny")
+
+
+def test_lookup_errors(tiny_repo: ModelRepository) -> None:
+    plane = _plane(tiny_repo)
+    with pytest.raises(ModelNotFound):
+        plane.route("nope", None)
+    with pytest.raises(VersionNotFound):
+        plane.route("tiny", "7")
+    with pytest.raises(InvalidInput):
+        plane.route("../etc", None)
+    with pytest.raises(InvalidInput):
+        plane.route("tiny", "1; drop")
+
+
+def test_bad_images_and_limits(tiny_repo: ModelRepository, photo: bytes) -> None:
+    plane = _plane(tiny_repo, max_pixels=10_000)
+    with pytest.raises(UnsupportedImage):
+        asyncio.run(plane.classify("tiny", b"not an image"))
+    with pytest.raises(ImageTooLarge):
+        asyncio.run(plane.classify("tiny", photo))
+    with pytest.raises(InvalidInput, match="top_k"):
+        asyncio.run(plane.classify("tiny", photo, top_k=0))
+
+
+def test_admission_bound(tiny_repo: ModelRepository) -> None:
+    plane = _plane(tiny_repo, max_inflight=2)
+    plane.admit()
+    plane.admit()
+    with pytest.raises(Overloaded):
+        plane.admit()
+    plane.release()
+    plane.admit()
+
+
+def _two_versions(tiny_repo: ModelRepository, tiny_onnx: bytes) -> None:
+    tiny_repo.add("tiny", tiny_onnx, tiny_card())
+    tiny_repo.set_stage("tiny", "production", 1)
+    tiny_repo.set_stage("tiny", "candidate", 2)
+
+
+def test_canary_split(tiny_repo: ModelRepository, tiny_onnx: bytes) -> None:
+    _two_versions(tiny_repo, tiny_onnx)
+    plane = _plane(tiny_repo, candidate_mode="canary", canary_fraction=0.25)
+    picks = [plane.route("tiny", None).version for _ in range(4000)]
+    assert abs(picks.count(2) / len(picks) - 0.25) < 0.03
+    assert plane.route("tiny", "2").stage == "candidate"
+
+
+def test_shadow_and_live_counters(tiny_repo: ModelRepository, tiny_onnx: bytes, photo: bytes) -> None:
+    _two_versions(tiny_repo, tiny_onnx)
+    plane = _plane(tiny_repo, candidate_mode="shadow", shadow_fraction=1.0, live_fraction=1.0, max_background=64)
+
+    async def run() -> None:
+        for _ in range(5):
+            served, doc = await plane.classify("tiny", photo)
+            assert served.version == 1  # shadow never answers
+        await plane.drain()
+
+    asyncio.run(run())
+    m = plane.metrics
+    assert m.count("steady_shadow_checks", model="tiny", candidate="2") == 5
+    # same weights: the candidate always agrees
+    assert m.count("steady_shadow_agreements", model="tiny", candidate="2") == 5
+    for transform in ("shift", "zoom"):
+        assert m.count("steady_live_checks", model="tiny", version="1", transform=transform) == 5
+        assert 0 <= m.count("steady_live_flips", model="tiny", transform=transform) <= 5
+
+
+def test_reload_switches_after_loading_and_keeps_healthy(tiny_repo: ModelRepository, tiny_onnx: bytes) -> None:
+    plane = _plane(tiny_repo)
+    first = plane.lookup("tiny", None)
+    tiny_repo.add("tiny", tiny_onnx, tiny_card())
+    tiny_repo.set_stage("tiny", "production", 2)
+    result = asyncio.run(plane.reload())
+    assert plane.lookup("tiny", None).version == 2 and "tiny/2 (production)" in result["added"]
+    assert plane.metrics.gauge("steady_model_info", model="tiny", version="1") == 0.0
+    # corrupt version 3, promote it: reload refuses it and keeps version 2
+    card = tiny_repo.add("tiny", tiny_onnx, tiny_card())
+    target = tiny_repo.version_dir("tiny", card.version) / "model.onnx"
+    target.chmod(0o644)
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    tiny_repo.set_stage("tiny", "production", card.version)
+    result = asyncio.run(plane.reload())
+    assert result["errors"] and plane.lookup("tiny", None).version == 2
+    assert plane.lookup("tiny", None) is not first
+
+
+def test_robustness_json_chooses_preprocessing(tiny_repo: ModelRepository) -> None:
+    sha = tiny_repo.verify("tiny", 1)
+    vdir = tiny_repo.version_dir("tiny", 1)
+    vdir.chmod(0o755)
+    (vdir / "robustness.json").write_text(json.dumps({
+        "model_sha256": sha,
+        "summary": {"pan.p_change": 0.031, "scale.flip_prob": 0.08, "accuracy": 0.9, "note": "text"},
+        "chosen": {"policy": "center", "resolution": 48, "rule": "lowest flip rate"},
+    }))
+    plane = _plane(tiny_repo)
+    sv = plane.lookup("tiny", None)
+    assert sv.resolution == 48 and sv.robustness["pan.p_change"] == 0.031
+    listing = plane.models()["models"][0]["versions"][0]
+    assert listing["robustness"]["scale.flip_prob"] == 0.08 and listing["chosen"]["resolution"] == 48
+    assert plane.metrics.gauge("steady_robustness_pan_p_change", model="tiny", version="1", policy="center") == 0.031
+    assert plane.metrics.gauge("steady_robustness_note") is None
+    # bound to another sha: ignored, the card's preprocessing is used
+    (vdir / "robustness.json").write_text(json.dumps({"model_sha256": "0" * 64, "chosen": {"resolution": 48}}))
+    assert _plane(tiny_repo).lookup("tiny", None).resolution == 32
+
+
+def test_robustness_metric_names() -> None:
+    assert robustness_metric_name("pan.p_change") == "steady_robustness_pan_p_change"
+    assert robustness_metric_name("Scale.Flip-Prob@224") == "steady_robustness_scale_flip_prob_224"
+    with pytest.raises(ValueError):
+        robustness_metric_name("...")
+
+
+def _v2(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]] | None = None) -> v2.InferRequest:
+    doc: dict[str, Any] = {"inputs": inputs}
+    if outputs:
+        doc["outputs"] = outputs
+    return v2.parse_infer_request(json.dumps(doc).encode())
+
+
+def test_v2_fp32_and_bytes(tiny_repo: ModelRepository, photo: bytes) -> None:
+    import base64
+
+    plane = _plane(tiny_repo)
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    req = _v2([{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}])
+    served, outputs, binary = asyncio.run(plane.infer_v2("tiny", None, req))
+    np.testing.assert_allclose(outputs[0].array, served.classifier.logits(x), rtol=1e-5, atol=1e-5)
+    assert binary == [False]
+
+    req = _v2([{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(photo).decode()]}],
+              [{"name": "logits", "parameters": {"classification": 2, "binary_data": True}}])
+    _, outputs, binary = asyncio.run(plane.infer_v2("tiny", "1", req))
+    assert outputs[0].datatype == "BYTES" and outputs[0].shape == (1, 2) and binary == [True]
+    score, index, label = outputs[0].elements[0].decode().split(":")
+    assert label == f"class_{index}" and 0 < float(score) <= 1
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [float("nan")] + [0.0] * 3071}],
+         "NaN"),
+        ([{"name": "input", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}], "shape"),
+        ([{"name": "input", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [0.0] * 48}], ">= 8"),
+        ([{"name": "input", "shape": [1, 3, 8, 8], "datatype": "INT32", "data": [0] * 192}], "must be FP32"),
+        ([{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}], "must be BYTES"),
+        ([{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1.0]}], "unknown input"),
+        ([{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192},
+          {"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}], "exactly one"),
+        ([{"name": "input", "shape": [65, 3, 8, 8], "datatype": "FP32", "data": [0.0] * (65 * 192)}], "batch"),
+    ],
+)
+def test_v2_validation(tiny_repo: ModelRepository, inputs: list[dict[str, Any]], message: str) -> None:
+    plane = _plane(tiny_repo)
+    with pytest.raises(InvalidInput, match=message):
+        asyncio.run(plane.infer_v2("tiny", None, _v2(inputs)))
+
+
+def test_v2_unknown_output(tiny_repo: ModelRepository) -> None:
+    plane = _plane(tiny_repo)
+    req = _v2([{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}],
+              [{"name": "probs"}])
+    with pytest.raises(InvalidInput, match="unknown output"):
+        asyncio.run(plane.infer_v2("tiny", None, req))
+
+
+def test_multipart_parsing() -> None:
+    from service.routes import parse_multipart_image
+
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhello\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\x00\r\nbinary\xff\r\n--XyZ--\r\n")
+    assert parse_multipart_image("multipart/form-data; boundary=XyZ", body) == b"\xff\xd8\x00\r\nbinary\xff"
+    with pytest.raises(InvalidInput, match="no field"):
+        parse_multipart_image("multipart/form-data; boundary=XyZ", body.replace(b'name="image"', b'name="img"'))
+
+
+def test_core_modules_do_not_import_ray_or_torch() -> None:
+    src = Path(__file__).resolve().parents[2] / "service"
+    for module in ("dataplane.py", "v2.py", "settings.py", "metrics.py", "routes.py"):
+        text = (src / module).read_text()
+        assert "import ray" not in text.replace("from ray.util import metrics as rm", ""), module
+        assert "import torch" not in text and "from ray import" not in text, module
