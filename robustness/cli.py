@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "build_score_document"]
+__all__ = ["register", "build_score_document", "bench_subparsers"]
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -206,16 +206,22 @@ def _cmd_bench_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    """``steady bench`` (shared: other packages add sub-commands beside ``score``)."""
-    existing = sub.choices.get("bench")
-    if existing is None:
-        existing = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-        existing.set_defaults(func=lambda a: (existing.print_help(), 2)[1])
-    bench_sub = getattr(existing, "_steady_sub", None)
+def bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-parsers of ``steady bench``, created on first use, so packages can add benchmarks beside
+    ``score`` (e.g. ``bench_subparsers(sub).add_parser("serve", ...)``) in any registration order."""
+    bench = sub.choices.get("bench")
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+        bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
+    bench_sub = getattr(bench, "_steady_sub", None)
     if bench_sub is None:
-        bench_sub = existing.add_subparsers(dest="bench_command", metavar="BENCH")
-        existing._steady_sub = bench_sub  # type: ignore[attr-defined]
+        bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+        bench._steady_sub = bench_sub  # type: ignore[attr-defined]
+    return bench_sub
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench_sub = bench_subparsers(sub)
     p = bench_sub.add_parser("score", help="scorer throughput vs raw ONNX Runtime",
                              description="Scorer model-evaluations/s vs raw ONNX Runtime at the same batch size.")
     p.add_argument("--repo", required=True, help="model repository folder")

@@ -62,6 +62,18 @@ def _rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any] | Non
     return rows
 
 
+def _verdict(name: str, center: dict[str, Any] | None, obj: dict[str, Any] | None) -> str:
+    """Whether the object policy helps or hurts on a metric, judged by non-overlapping intervals."""
+    if center is None or obj is None:
+        return "-"
+    higher_better = "accuracy" in name or name == "consistency" or name.endswith("top5")
+    if obj["ci95"][0] > center["ci95"][1]:
+        return "helps" if higher_better else "hurts"
+    if obj["ci95"][1] < center["ci95"][0]:
+        return "hurts" if higher_better else "helps"
+    return "no clear difference"
+
+
 def terminal_table(doc: dict[str, Any]) -> str:
     policies = doc["config"]["policies"]
     width = 34
@@ -182,9 +194,15 @@ def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarr
         + "".join(f"<th class='{'chosen' if p == doc['chosen']['policy'] else ''}'>{e(p)}</th>" for p in policies)
         + "</tr>",
     ]
+    compare = "center" in policies and "object" in policies
+    if compare:
+        parts[-1] = parts[-1].replace("</tr>", "<th>object vs center</th></tr>")
     for name, per in _rows(doc):
-        parts.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{e(_fmt(per[p]))}</td>" for p in policies) + "</tr>")
-    parts.append("</table>")
+        verdict = f"<td>{e(_verdict(name, per['center'], per['object']))}</td>" if compare else ""
+        parts.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{e(_fmt(per[p]))}</td>" for p in policies)
+                     + verdict + "</tr>")
+    parts.append("</table><p><small>'object vs center' says helps/hurts only when the 95% intervals do not "
+                 "overlap; otherwise 'no clear difference'.</small></p>")
     parts.append("<h2>Comparison with published anchors (REFERENCE section 2)</h2><table><tr><th>metric</th>"
                  "<th>published</th><th>source</th>" + "".join(f"<th>{e(p)}</th>" for p in policies) + "</tr>")
     rows = dict(_rows(doc))

@@ -225,9 +225,10 @@ CHOICE_RULE = (
     "flip_probability and embed@0.5 p_change) is worse than the baseline's beyond the baseline's 95% interval "
     "(value <= upper bound) and, with labels, its top-1 accuracy is not below the baseline's lower bound. "
     "Among admissible candidates: the most accurate one if its gain over the baseline is at least half the "
-    "baseline's interval half-width; otherwise the steadiest (lowest mean of its policy's flip metrics, "
-    "pan p_change at its resolution standing in for pan). Without labels: the steadiest. "
-    "Ties go to center, then to the resolution nearest the card's."
+    "baseline's interval half-width; otherwise the steadiest policy at the card's resolution (lowest mean of "
+    "its pan p_change, scale flip_probability and embed@0.5 p_change), so a resolution other than the card's "
+    "is only chosen for a clear accuracy gain. Without labels: the steadiest at the card's resolution. "
+    "Ties go to center."
 )
 
 
@@ -321,7 +322,8 @@ def choose(result: dict[str, Any], card: ModelCard, config: ProtocolConfig) -> d
         if top != baseline and acc_at(*top)["value"] - base_acc["value"] >= max(0.5 * half, 1e-12):  # type: ignore[index]
             best, reason = top, "most accurate"
     if best is None:
-        best = sorted(ok, key=lambda c: (round(steadiness(c), 12), *tie(c)))[0]
+        at_r = [c for c in ok if c[1] == R]
+        best = sorted(at_r, key=lambda c: (round(steadiness(c), 12), *tie(c)))[0]
     return {"policy": best[0], "resolution": int(best[1]), "rule": CHOICE_RULE, "labelled": labelled,
             "reason": reason, "admissible": [[p, r] for p, r in ok],
             "baseline": {"policy": baseline_policy, "resolution": R}}
@@ -380,7 +382,7 @@ def run_ray(onnx_bytes: bytes, card: ModelCard, dataset: Dataset, config: Protoc
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=workers, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
                      log_to_driver=False)
@@ -391,7 +393,7 @@ def run_ray(onnx_bytes: bytes, card: ModelCard, dataset: Dataset, config: Protoc
         t0 = time.perf_counter()
         worker_opts = ScoreOptions(options.batch_size, options.chunk_images, threads=1)
         pieces = [(len(s), task.remote(model_ref, card, str(dataset.root), s, config, seed, worker_opts))
-                  for s in shard(dataset.items, max(workers, 1) * 4)]
+                  for s in shard(dataset.items, 4 * max(workers, int(ray.cluster_resources().get("CPU", 1))))]
         records: list[dict[str, Any]] = []
         evaluations = 0.0
         pending = {ref: n for n, ref in pieces}

@@ -94,7 +94,7 @@ class Catalog:
 
     def get(self, model: str) -> Mapping[str, ServedVersion]:
         entry = self.models.get(model)
-        if not entry:
+        if not entry or "production" not in entry:
             raise ModelNotFound(f"model {model!r} is not served")
         return entry
 
@@ -162,6 +162,7 @@ class DataPlane:
         infer: InferFn | None = None,
         executor: Executor | None = None,
         rng: random.Random | None = None,
+        after_reload: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.repo = repo
@@ -174,6 +175,7 @@ class DataPlane:
         self.inflight = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
+        self.after_reload = after_reload
 
     # ------------------------------------------------------------------ loading
     def load_all(self) -> Catalog:
@@ -181,12 +183,24 @@ class DataPlane:
         catalog, errors = self._build_catalog(Catalog({}))
         if errors:
             raise SteadyError("; ".join(errors))
+        if not catalog.models:
+            raise SteadyError(f"no models to serve in {self.repo.root}")
         self._install(catalog)
         self.ready = True
         return catalog
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read stages; load and warm new versions before switching; never replace a healthy one with a broken one."""
+    async def reload(self, *, propagate: bool = True) -> dict[str, Any]:
+        """Re-read stages; load and warm new versions before switching; never replace a healthy one with a broken one.
+
+        With ``propagate`` the ``after_reload`` hook runs afterwards (the deployment uses it to
+        tell the other replicas to reload too).
+        """
+        result = await self._reload()
+        if propagate and self.after_reload is not None:
+            await self.after_reload()
+        return result
+
+    async def _reload(self) -> dict[str, Any]:
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             old = self.catalog

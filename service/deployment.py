@@ -5,6 +5,13 @@ tensor goes through one ``@serve.batch`` queue (shared by every served version; 
 split by version and shape before ONNX Runtime runs), so dynamic batching happens where
 the model lives and nothing crosses a process boundary twice.
 
+Reload with several replicas: ``POST /v1/admin/reload`` reaches one replica, which loads and
+warms the new versions, switches, then bumps a counter held by a small named Ray actor
+(``steady-reload-<app>`` in namespace ``steady``, created only when more than one replica
+can exist); every other replica polls it every ``RELOAD_POLL_S`` and reloads itself the same
+way, so each switch is load-then-swap and no request fails. A replica that starts later
+reads the repository's current stages.
+
 Example:
     >>> app = SteadyServer.options(**s.deployment_options()).bind(s.to_dict())   # doctest: +SKIP
 """
@@ -18,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from service.dataplane import DataPlane, ServedVersion
@@ -31,6 +39,23 @@ __all__ = ["SteadyServer"]
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_S = 2.0  # Ray evicts gauges not re-set within two report intervals
+RELOAD_POLL_S = 2.0  # how often replicas look for a reload done by another replica
+
+
+@ray.remote(num_cpus=0)
+class _ReloadGeneration:
+    """A counter shared by the replicas of one application: ``/v1/admin/reload`` reaches one
+    replica; it reloads, bumps the counter, and the others reload when they see it move."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+    def bump(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def get(self) -> int:
+        return self.generation
 
 
 @serve.deployment(name="steady")
@@ -42,25 +67,47 @@ class SteadyServer:
         self.settings = ServeSettings.from_dict(settings)
         self.metrics = Metrics("ray")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="steady-ort")
-        self.plane = DataPlane(self.settings, ModelRepository(self.settings.repo), self.metrics, infer=self._infer)
+        self._generation: Any = None
+        self._seen_generation = 0
+        self.plane = DataPlane(self.settings, ModelRepository(self.settings.repo), self.metrics, infer=self._infer,
+                               after_reload=self._announce_reload)
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.plane.load_all)
-        self._gauges = asyncio.get_running_loop().create_task(self._publish_gauges())
+        if self.settings.autoscaling or self.settings.num_replicas > 1:
+            self._generation = _ReloadGeneration.options(
+                name=f"steady-reload-{self.settings.app_name}", namespace="steady", get_if_exists=True,
+                lifetime="detached").remote()
+            self._seen_generation = await self._generation.get.remote()
+        self._gauges = asyncio.get_running_loop().create_task(self._background_loop())
         log.info("steady replica ready: %s", {m: {s: v.version for s, v in st.items()}
                                               for m, st in self.plane.catalog.models.items()})
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_routes(self.plane, self.settings, self.metrics)
 
-    async def _publish_gauges(self) -> None:
+    async def _background_loop(self) -> None:
+        """Re-publish gauges; follow reloads another replica announced."""
         while True:
             try:
                 self.plane.publish_gauges()
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 log.exception("publishing gauges failed")
-            await asyncio.sleep(GAUGE_REFRESH_S)
+            if self._generation is not None:
+                try:
+                    generation = await self._generation.get.remote()
+                    if generation > self._seen_generation:
+                        self._seen_generation = generation
+                        result = await self.plane.reload(propagate=False)
+                        log.info("reloaded after generation %d: %s", generation, result)
+                except Exception:  # noqa: BLE001 - keep serving what is loaded
+                    log.exception("following a reload failed")
+            await asyncio.sleep(min(GAUGE_REFRESH_S, RELOAD_POLL_S))
+
+    async def _announce_reload(self) -> None:
+        if self._generation is not None:
+            self._seen_generation = await self._generation.bump.remote()
 
     def check_health(self) -> None:
         if not self.plane.ready:

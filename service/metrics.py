@@ -31,6 +31,12 @@ has flipped once, ``ray_steady_live_flips_total`` has no series for it, so dashb
 should use ``(... or on() vector(0))`` or compare with ``ray_steady_live_checks_total``, which
 always exists once checks ran; the same holds for ``ray_steady_shadow_agreements_total``.
 
+Request labels: ``model`` is ``_unknown`` when the URL names a model that is not served (so
+client-chosen names cannot create series); ``version`` and ``stage`` are ``none`` when the
+request failed before a version was chosen (400/404/413/415/503 on admission or lookup).
+``code`` is the HTTP status answered by the replica; 503s produced by Ray Serve's own queue
+(``max_queued_requests``) never reach the replica and show in ``ray_serve_*`` metrics only.
+
 Histogram buckets: latency/preprocess/inference/queue use ``LATENCY_BUCKETS`` (seconds),
 batch size uses ``BATCH_BUCKETS``.
 

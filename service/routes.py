@@ -81,7 +81,9 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
 
         async def wrapper(request: Request) -> Response:
             start = time.perf_counter()
-            model = str(request.path_params.get("model", ""))[:64]
+            # label only served models: client-chosen names must not create new series
+            model = str(request.path_params.get("model", ""))
+            model = model if model in plane.catalog.models else "_unknown"
             labels = {"version": "none", "stage": "none"}
             request.state.labels = labels
             code = 500

@@ -112,9 +112,27 @@ def _wait_ready(url: str, timeout: float) -> None:
     raise SteadyError(f"service not ready after {timeout:.0f} s ({url}: {last})")
 
 
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _preflight(settings: Any) -> list[tuple[str, int]]:
     """Verify in the driver what the replicas will load, to fail fast with a clear message."""
     from service.repository import ModelRepository
+
+    if not settings.ray_address:
+        # a busy metrics port makes Ray's agent (and with it the raylet) die during ray.init
+        for what, host, port in (("HTTP", settings.host, settings.port), ("metrics", "0.0.0.0", settings.metrics_port)):
+            if not _port_free(host, port):
+                raise SteadyError(f"{what} port {port} is already in use: pick another with --"
+                                  f"{'port' if what == 'HTTP' else 'metrics-port'}")
 
     repo = ModelRepository(settings.repo)
     if not repo.root.is_dir():

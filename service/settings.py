@@ -43,6 +43,7 @@ class ServeSettings:
         num_replicas: fixed replica count (ignored when ``autoscaling`` is set).
         autoscaling: Ray Serve ``autoscaling_config`` dict (min_replicas, max_replicas, ...).
         replica_cpus: ``num_cpus`` of each replica (ORT + decode threads run inside it).
+        replica_gpus: ``num_gpus`` of each replica (set with ``provider: cuda`` and onnxruntime-gpu).
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` parameters.
         max_ongoing_requests: per replica, Ray Serve's concurrency cap (>= max_batch_size).
         max_queued_requests: Ray Serve's bounded queue in front of the replicas (503 beyond).
@@ -77,13 +78,14 @@ class ServeSettings:
     num_replicas: int = 1
     autoscaling: dict[str, Any] | None = None
     replica_cpus: float = 2.0
+    replica_gpus: float = 0.0
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.004
     max_ongoing_requests: int = 64
     max_queued_requests: int = 256
     max_inflight: int = 128
     ort_threads: int = 2
-    ort_spinning: bool = True
+    ort_spinning: bool = False
     decode_threads: int = 2
     provider: str = "auto"
     max_body_bytes: int = 20 * 1024 * 1024
@@ -120,6 +122,8 @@ class ServeSettings:
             raise InvalidInput(f"batch_wait_timeout_s must be in [0, 1], got {self.batch_wait_timeout_s}")
         if self.replica_cpus <= 0:
             raise InvalidInput(f"replica_cpus must be > 0, got {self.replica_cpus}")
+        if self.replica_gpus < 0:
+            raise InvalidInput(f"replica_gpus must be >= 0, got {self.replica_gpus}")
         if self.proxy not in PROXIES:
             raise InvalidInput(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
         if self.provider not in ("auto", "cpu", "cuda"):
@@ -197,7 +201,7 @@ class ServeSettings:
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.replica_cpus},
+            "ray_actor_options": {"num_cpus": self.replica_cpus, **({"num_gpus": self.replica_gpus} if self.replica_gpus else {})},
             "health_check_period_s": 5,
             "graceful_shutdown_timeout_s": 10,
         }

@@ -60,7 +60,12 @@ def test_natural_photo_is_deterministic(coffee: np.ndarray) -> None:
 
 
 def test_frame_restricts_the_search() -> None:
-    img = _embedded(30, 50, canvas=200)
+    img = _embedded(30, 50, size=80, canvas=200)
     full = object_box(img, crop_pct=0.875, background=MEAN, resolution=32)
     shifted = object_box(img, crop_pct=0.875, background=MEAN, resolution=32, frame=Box(10, 10, 190, 190))
     assert shifted == full  # same object, seen through a frame that still contains it
+
+
+def test_a_speck_is_not_an_object() -> None:
+    img = _embedded(30, 50, size=6, canvas=200)  # 6 / 0.875 is far below min_fill of the centre crop
+    assert object_box(img, crop_pct=0.875, background=MEAN, resolution=32) == center_box(200, 200, 32, 0.875)

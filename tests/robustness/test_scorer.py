@@ -40,6 +40,9 @@ def test_score_writes_schema_bound_to_sha_and_data(tiny_repo: ModelRepository, i
     assert set(sizes[1]["p_change"]) == {"value", "ci95", "n"}
     assert sizes[1]["p_change"]["n"] == 6 * 2  # 6 images x 2 positions
     assert doc["protocols"]["pan"]["center"]["p_change"]["n"] == 6 * 8  # A&W: 8 pairs per image
+    # the localiser follows the pasted object pixel for pixel: the object policy's view does not change
+    for row in doc["protocols"]["embed"]["object"]["sizes"][:3]:
+        assert row["p_change"]["value"] == 0.0
     assert set(doc["chosen"]) >= {"policy", "resolution", "rule"}
     html = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Azulay" in html

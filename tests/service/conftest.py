@@ -6,6 +6,8 @@ Repository served by the session:
   shadowed  v1 production, v2 candidate (same weights)      -- shadow mode, fraction 1.0
   rolling   v1 production (the reload test promotes v2 while traffic runs)
   efficientnet-lite0 v1 production, when the ``lite0_repo`` fixture can export it (torch present)
+
+Two replicas of one CPU each: the admin reload reaches one, the other follows.
 """
 
 from __future__ import annotations
@@ -64,8 +66,16 @@ def _build_repo(root: Path, tiny_onnx: bytes) -> ModelRepository:
     return repo
 
 
+# One Ray per process. tests/deploy/conftest.py re-exports this fixture, which gives pytest a second
+# definition with its own cache; the second one to run reuses the running service (the first tears it down).
+_RUNNING: dict[str, Service] = {}
+
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request: pytest.FixtureRequest) -> Iterator[Service]:
+    if "service" in _RUNNING:
+        yield _RUNNING["service"]
+        return
     pytest.importorskip("ray")
     root = tmp_path_factory.mktemp("serve-repo")
     repo = _build_repo(root, tiny_onnx)
@@ -81,6 +91,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
         "candidate_mode": "canary", "canary_fraction": 0.3, "model_candidate_mode": {"shadowed": "shadow"},
         "shadow_fraction": 1.0, "live_fraction": 0.5, "max_background": 64,
         "admin_token": ADMIN_TOKEN, "seed": 0, "decode_threads": 2,
+        # two replicas, so reload propagation and metric aggregation are exercised
+        "num_replicas": 2, "replica_cpus": 1.0, "ort_threads": 1,
     })
     # HAProxy's stats/metrics ports are fixed by default: keep parallel Ray instances apart
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
@@ -90,9 +102,11 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
     start_ray(settings, system_config={"metrics_report_interval_ms": 1000})
     try:
         ready_s = run_service(settings)
-        yield Service(settings, repo, f"http://127.0.0.1:{settings.port}",
-                      f"http://127.0.0.1:{settings.metrics_port}/metrics", ready_s, lite0)
+        _RUNNING["service"] = Service(settings, repo, f"http://127.0.0.1:{settings.port}",
+                                      f"http://127.0.0.1:{settings.metrics_port}/metrics", ready_s, lite0)
+        yield _RUNNING["service"]
     finally:
+        _RUNNING.pop("service", None)
         t0 = time.perf_counter()
         stop_service()  # serve.shutdown() only while ray.is_initialized(), bounded (HAProxy drain)
         print(f"serve shutdown took {time.perf_counter() - t0:.1f} s")
