@@ -122,9 +122,10 @@ def _register_core(sub: argparse._SubParsersAction) -> None:
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from exporters.cli import register as register_export
     from robustness.cli import register as register_robustness
+    from service.bench import register as register_bench
     from service.serve_cli import register as register_serve
 
-    return [_register_core, register_export, register_robustness, register_serve]
+    return [_register_core, register_export, register_robustness, register_serve, register_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

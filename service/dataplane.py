@@ -435,13 +435,17 @@ class DataPlane:
                 raise InvalidInput("input 'image' has no elements")
             if len(tensor.elements) > MAX_V2_BATCH:
                 raise InvalidInput(f"input 'image' has {len(tensor.elements)} images; at most {MAX_V2_BATCH} per request")
-            prepared = await asyncio.gather(*(self._prepare(served, e) for e in tensor.elements))
-            rows = [p.tensor for p in prepared]
+            # keep only each tensor: holding up to MAX_V2_BATCH decoded full-size images at once
+            # would let one small body of compressible JPEGs take gigabytes
+            rows = list(await asyncio.gather(*(self._tensor_of(served, e) for e in tensor.elements)))
         else:
             rows = self._validate_fp32(served, tensor)
         logits = np.stack(await asyncio.gather(*(self.infer(served, r) for r in rows)))
         outputs, binary = self._v2_outputs(served, logits, request)
         return served, outputs, binary
+
+    async def _tensor_of(self, served: ServedVersion, data: bytes) -> np.ndarray:
+        return (await self._prepare(served, data)).tensor
 
     def _validate_fp32(self, served: ServedVersion, tensor: v2.InputTensor) -> list[np.ndarray]:
         if tensor.datatype != "FP32" or tensor.array is None:

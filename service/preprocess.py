@@ -116,7 +116,9 @@ def decode(
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"image is over the pixel limit of {max_pixels}: {exc}") from exc
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except UnidentifiedImageError as exc:  # its text names a BytesIO object at a memory address
+            raise UnsupportedImage("not an image Steady can decode: send JPEG, PNG, WebP, BMP or GIF") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
             raise UnsupportedImage(f"cannot decode image: {_short(exc)}") from exc
         fmt = img.format or "unknown"
         if fmt not in SUPPORTED_FORMATS:

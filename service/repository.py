@@ -194,7 +194,7 @@ class ModelRepository:
         model_dir = self.model_dir(name)
         if not model_dir.is_dir():
             raise ModelNotFound(f"model {name!r} not found in {self.root}")
-        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
 
     def version_dir(self, name: str, version: int) -> Path:
         path = self.model_dir(name) / str(parse_version(version))

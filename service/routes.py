@@ -65,7 +65,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
     async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
         chunks: list[bytes] = []
         size = 0
@@ -122,7 +122,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
                 "or as multipart/form-data field 'image'"
             )
         top_raw = request.query_params.get("top_k", "5")
-        if not top_raw.isdigit() or len(top_raw) > 4:
+        if not (top_raw.isascii() and top_raw.isdigit()) or len(top_raw) > 4:  # "²".isdigit() is True
             raise InvalidInput(f"top_k must be a positive integer, got {top_raw[:20]!r}")
         version = request.query_params.get("version") or None
         plane.lookup(model, version)  # 404 before reading a large body

@@ -111,7 +111,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit() or len(value) > 12:
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:  # "²".isdigit() is True
         raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {value[:20]!r}")
     length = int(value)
     if length > body_length:
@@ -127,7 +127,7 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
     binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
     try:
         doc = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise InvalidInput(f"infer request is not valid JSON: {str(exc)[:120]}") from exc
     if not isinstance(doc, dict):
         raise InvalidInput("infer request must be a JSON object")
@@ -172,8 +172,8 @@ def _params(obj: dict[str, Any]) -> dict[str, Any]:
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
         raise InvalidInput(f"input {name!r}: shape must be a list of integers, got {str(raw)[:60]}")
-    if any(d < 0 for d in raw):
-        raise InvalidInput(f"input {name!r}: shape dimensions must be >= 0, got {raw}")
+    if any(d < 0 or d > MAX_ELEMENTS for d in raw):  # bounded even next to a 0 dimension
+        raise InvalidInput(f"input {name!r}: shape dimensions must be >= 0 and at most {MAX_ELEMENTS}, got {str(raw)[:60]}")
     count = 1
     for d in raw:
         count *= d
@@ -189,7 +189,7 @@ def _parse_input(raw: Any, binary: memoryview, offset: int) -> tuple[InputTensor
     if not isinstance(name, str) or not name:
         raise InvalidInput("each input needs a 'name'")
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidInput(f"input {name[:40]!r}: unknown datatype {str(datatype)[:20]!r}; use one of {sorted(DATATYPES)}")
     shape = _shape(raw.get("shape"), name)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -234,8 +234,9 @@ def _parse_input(raw: Any, binary: memoryview, offset: int) -> tuple[InputTensor
     if any(isinstance(x, (str, bytes, dict, list)) or x is None for x in flat):
         raise InvalidInput(f"input {name!r}: {datatype} data must be numbers")
     try:
-        tensor.array = np.asarray(flat, dtype=dtype).reshape(shape)
-    except (ValueError, OverflowError, TypeError) as exc:
+        with np.errstate(over="raise", invalid="raise"):  # 1e300 as FP16: refused, not a silent inf
+            tensor.array = np.asarray(flat, dtype=dtype).reshape(shape)
+    except (ValueError, OverflowError, TypeError, FloatingPointError) as exc:
         raise InvalidInput(f"input {name!r}: data does not fit {datatype}: {str(exc)[:80]}") from exc
     return tensor, 0
 

@@ -1,12 +1,17 @@
-"""deploy/docker: no Docker engine runs here, so check what can be checked without one: the files
-the Dockerfile copies and compose mounts exist, and the commands parse with the real `steady` CLI."""
+"""deploy/docker: no Docker engine runs here, so check what can be checked without one: compose.yaml
+against the Compose Specification's JSON schema (vendored by the ``check-jsonschema`` package,
+offline), the files the Dockerfile copies and compose mounts exist, and the commands parse with the
+real `steady` CLI. Nothing here builds the image or starts a container."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service.cli import build_parser
@@ -58,3 +63,10 @@ def test_compose_services_and_mounts() -> None:
     assert "localhost:8080" in prom["scrape_configs"][0]["static_configs"][0]["targets"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
     assert Path(DOCKER / "../prometheus/alerts.yml").exists()
+
+
+def test_compose_matches_the_compose_spec() -> None:
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema not installed (pip install check-jsonschema)")
+    r = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                        str(DOCKER / "compose.yaml")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

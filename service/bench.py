@@ -1,0 +1,652 @@
+"""``steady bench serve``: images/s served over HTTP against the in-process ceiling, in one run.
+
+The ceiling is what a user gets with twenty lines of ONNX Runtime in their own process:
+decode + the card's preprocessing + ``InferenceSession.run`` on the best batch size, the same
+images, the same ONNX Runtime threads as the service, one Python thread. It is measured in
+this process while the service sits idle, right before each served measurement and once
+after the last, so ``ratio`` = served / ceiling compares numbers taken at the same moment on
+a machine that may be busy with other work.
+
+The load comes from ``wrk`` (one thread, ``--latency``, a Lua script cycling over the
+request bodies) when it is on PATH, else from an aiohttp client; the client's own CPU use
+is reported (``client_cpu``: cores used by the load generator), so a saturated client shows.
+
+Memory is the sum over every process of the service (``steady serve`` and its descendants:
+Ray's GCS, raylet, workers, the HAProxy ingress...): ``pss_mb`` counts shared pages once
+(the honest total), ``rss_sum_mb`` counts them in every process (an upper bound).
+
+Example:
+    >>> doc = bench_serve(BenchOptions(repo="models", model="efficientnet-lite0",
+    ...                                data="photos", concurrency=(1, 8, 32)))   # doctest: +SKIP
+    >>> doc["runs"][1]["ratio"]                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from service.errors import SteadyError
+
+__all__ = ["BenchOptions", "register", "bench_serve", "latency_summary", "format_report", "make_large_photos"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CEILING_BATCH_SIZES = (1, 4, 8, 16)
+LARGE_SIZE = (4000, 3000)  # 12 MP, a phone photo
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``steady bench serve`` measures.
+
+    Attributes:
+        repo, model, version: the served model (version None: production).
+        data: folder of images (read by path, never copied).
+        concurrency: connections held open by the load generator, one run each.
+        duration_s: seconds per served run.
+        url: an already running service (its base URL); None starts ``steady serve``.
+        config: settings YAML handed to ``steady serve`` (and used for the ceiling's threads).
+        max_images: images cycled through (sorted, the first N).
+        large: also run with 12 MP JPEGs generated from the photos into a temp dir.
+        ceiling_s: seconds per in-process ceiling measurement.
+        client: ``wrk``, ``aiohttp`` or ``auto`` (wrk when on PATH).
+    """
+
+    repo: str
+    model: str
+    data: str
+    version: int | None = None
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    duration_s: float = 15.0
+    url: str | None = None
+    config: str | None = None
+    max_images: int = 64
+    large: bool = False
+    large_images: int = 8
+    ceiling_s: float = 4.0
+    client: str = "auto"
+    warmup_s: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency must be integers >= 1, got {self.concurrency}")
+        if self.duration_s <= 0 or self.ceiling_s <= 0:
+            raise ValueError("duration and ceiling seconds must be > 0")
+        if self.client not in ("auto", "wrk", "aiohttp"):
+            raise ValueError(f"client must be auto, wrk or aiohttp, got {self.client!r}")
+
+
+# ------------------------------------------------------------------------ statistics
+def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99 and mean in milliseconds (nearest-rank percentiles); None when empty."""
+    if len(latencies_s) == 0:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    arr = np.sort(np.asarray(latencies_s, dtype=np.float64)) * 1000.0
+    n = len(arr)
+
+    def rank(q: float) -> float:
+        return float(arr[min(n - 1, max(0, int(np.ceil(q / 100.0 * n)) - 1))])
+
+    return {"p50_ms": round(rank(50), 2), "p95_ms": round(rank(95), 2), "p99_ms": round(rank(99), 2),
+            "mean_ms": round(float(arr.mean()), 2)}
+
+
+# ------------------------------------------------------------------------ images
+def image_paths(folder: str | os.PathLike[str], limit: int) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise SteadyError(f"image folder {folder} does not exist")
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise SteadyError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths[:limit]
+
+
+def make_large_photos(sources: Sequence[Path], out_dir: Path, count: int, size: tuple[int, int] = LARGE_SIZE,
+                      quality: int = 90, seed: int = 0) -> list[Path]:
+    """12 MP JPEGs (phone-photo size and entropy) made by upscaling real photos and adding sensor-like noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for i, src in enumerate(list(sources)[:count]):
+        with Image.open(src) as img:
+            rgb = img.convert("RGB")
+        w, h = size if rgb.width >= rgb.height else size[::-1]
+        big = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+        noise = rng.integers(-6, 7, size=big.shape, dtype=np.int16)
+        big = np.clip(big + noise, 0, 255).astype(np.uint8)
+        path = out_dir / f"large_{i:02d}_{src.stem}.jpg"
+        Image.fromarray(big).save(path, format="JPEG", quality=quality)
+        made.append(path)
+    return made
+
+
+# ------------------------------------------------------------------------ in-process ceiling
+class Ceiling:
+    """The in-process pipeline a user would write: decode + preprocess + ONNX Runtime, one thread."""
+
+    def __init__(self, repo_root: str, model: str, version: int, settings: Any) -> None:
+        from service.dataplane import load_version
+        from service.repository import ModelRepository
+
+        self.served = load_version(ModelRepository(repo_root), model, version, "production", settings)
+        self.decode_threads = int(settings.decode_threads)
+
+    def _batch(self, bodies: Sequence[bytes]) -> np.ndarray:
+        pre = self.served.pre
+        tensor = pre.to_tensor([pre.view(pre.decode(b)).pixels for b in bodies])
+        return self.served.classifier.logits(tensor)
+
+    def top1(self, bodies: Sequence[bytes]) -> list[int]:
+        return [int(np.argmax(self._batch([b])[0])) for b in bodies]
+
+    def single_latency(self, bodies: Sequence[bytes], rounds: int = 2) -> dict[str, float | None]:
+        """One image at a time, end to end (decode + preprocess + ORT batch 1)."""
+        self._batch(bodies[:1])
+        times = []
+        for _ in range(rounds):
+            for b in bodies:
+                t0 = time.perf_counter()
+                self._batch([b])
+                times.append(time.perf_counter() - t0)
+        return latency_summary(times)
+
+    def throughput(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> float:
+        """Images/s of the best in-process pipeline at ``batch_size``: the larger of one thread doing
+        everything in turn, and ``decode_threads`` threads decoding the next batch while ONNX Runtime
+        runs this one (the thread budget the service has)."""
+        return max(self._sequential(bodies, batch_size, seconds / 2), self._pipelined(bodies, batch_size, seconds / 2))
+
+    def _sequential(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> float:
+        self._batch(bodies[:batch_size])
+        n, i, t0 = 0, 0, time.perf_counter()
+        while True:
+            chunk = [bodies[(i + k) % len(bodies)] for k in range(batch_size)]
+            i += batch_size
+            self._batch(chunk)
+            n += batch_size
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                return n / elapsed
+
+    def _pipelined(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pre, clf = self.served.pre, self.served.classifier
+
+        def pixels(body: bytes) -> np.ndarray:
+            return pre.view(pre.decode(body)).pixels
+
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            i = 0
+
+            def submit() -> list[Any]:
+                nonlocal i
+                futures = [pool.submit(pixels, bodies[(i + k) % len(bodies)]) for k in range(batch_size)]
+                i += batch_size
+                return futures
+
+            current = submit()
+            n, t0 = 0, time.perf_counter()
+            while True:
+                ahead = submit()
+                clf.logits(pre.to_tensor([f.result() for f in current]))
+                current = ahead
+                n += batch_size
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds:
+                    for f in current:
+                        f.result()
+                    return n / elapsed
+
+
+# ------------------------------------------------------------------------ the service
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+class ServiceProcess:
+    """``steady serve`` in a subprocess (its own process group), timed until ``/v2/health/ready``."""
+
+    def __init__(self, repo: str, config: str | None, log_path: Path) -> None:
+        self.port, self.metrics_port = _free_port(), _free_port()
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--repo", repo, "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port)]
+        if config:
+            cmd += ["--config", config]
+        env = dict(os.environ)
+        # HAProxy's stats/metrics ports are fixed by default: keep this instance apart from others
+        env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+        env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ready_s: float | None = None
+
+    def wait_ready(self, timeout: float = 180.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SteadyError(f"steady serve exited with {self.proc.returncode}: see {self.log_path}\n"
+                                  + self.log_path.read_text(errors="replace")[-2000:])
+            if _get(f"{self.base}/v2/health/ready", 1.0) == 200:
+                self.ready_s = time.perf_counter() - self.started
+                return self.ready_s
+            time.sleep(0.1)
+        raise SteadyError(f"steady serve not ready after {timeout:.0f} s: see {self.log_path}")
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *_descendants(self.proc.pid)]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _proc_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace").strip()
+    if first.startswith("ray::"):
+        return first.split(" ")[0][:48]
+    name = os.path.basename(first.split(" ")[0])
+    if name.startswith("python") and len(argv) > 1:
+        script = next((a.decode(errors="replace") for a in argv[1:] if a and not a.startswith(b"-")), "")
+        return f"python {os.path.basename(script)}"[:48]
+    return name[:48]
+
+
+def memory_of(pids: Sequence[int]) -> dict[str, Any]:
+    """PSS (shared pages split between processes) and RSS summed over ``pids``, in MB."""
+    pss = rss = 0
+    counted = 0
+    per: dict[str, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in ("Rss", "Pss")}
+        except (OSError, ValueError, IndexError):
+            continue
+        counted += 1
+        pss += fields.get("Pss", 0)
+        rss += fields.get("Rss", 0)
+        name = _proc_name(pid)
+        per[name] = per.get(name, 0.0) + fields.get("Pss", 0) / 1024
+    return {"pss_mb": round(pss / 1024, 1), "rss_sum_mb": round(rss / 1024, 1), "processes": counted,
+            "pss_mb_by_process": {k: round(v, 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}}
+
+
+def cpu_times(pids: Sequence[int]) -> dict[int, tuple[str, float]]:
+    """pid -> (name, user + system CPU seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (_proc_name(pid), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_share(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    """Cores used per process name between two :func:`cpu_times` snapshots (only names using >= 0.01 core)."""
+    used: dict[str, float] = {}
+    for pid, (name, t) in after.items():
+        delta = t - before.get(pid, (name, 0.0))[1]
+        used[name] = used.get(name, 0.0) + delta / seconds
+    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+# ------------------------------------------------------------------------ load generators
+_WRK_SCRIPT = """
+local paths = {%(paths)s}
+local bodies = {}
+local headers = {["Content-Type"] = "image/jpeg"}
+local i = 0
+init = function(args)
+  for k, p in ipairs(paths) do
+    local f = assert(io.open(p, "rb")); bodies[k] = f:read("*all"); f:close()
+  end
+end
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", nil, headers, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "STEADY_JSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"p50_us\\": %%d, \\"p95_us\\": %%d, \\"p99_us\\": %%d, " ..
+    "\\"mean_us\\": %%f, \\"connect\\": %%d, \\"read\\": %%d, \\"write\\": %%d, \\"status\\": %%d, \\"timeout\\": %%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def run_wrk(url: str, paths: Sequence[Path], concurrency: int, duration_s: float, workdir: Path) -> dict[str, Any]:
+    """One wrk run (1 thread, ``concurrency`` connections); client CPU from the child's rusage."""
+    script = workdir / "steady-bench.lua"
+    script.write_text(_WRK_SCRIPT % {"paths": ", ".join(json.dumps(str(p)) for p in paths)})
+    secs = max(1, int(round(duration_s)))
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{secs}s", "--timeout", "30s", "-s", str(script), url]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    line = next((ln for ln in out.splitlines() if ln.startswith("STEADY_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SteadyError(f"wrk failed ({proc.returncode}): {out[-1500:]}")
+    data = json.loads(line[len("STEADY_JSON "):])
+    seconds = data["duration_us"] / 1e6
+    errors = data["connect"] + data["read"] + data["write"] + data["timeout"]
+    return {
+        "client": "wrk", "requests": data["requests"], "seconds": round(seconds, 2),
+        "images_per_s": round(data["requests"] / seconds, 2),
+        "p50_ms": round(data["p50_us"] / 1000, 2), "p95_ms": round(data["p95_us"] / 1000, 2),
+        "p99_ms": round(data["p99_us"] / 1000, 2), "mean_ms": round(data["mean_us"] / 1000, 2),
+        "non_2xx": data["status"], "socket_errors": errors,
+        "client_cpu": round((usage.ru_utime + usage.ru_stime) / wall, 3),
+    }
+
+
+def run_aiohttp(url: str, paths: Sequence[Path], concurrency: int, duration_s: float) -> dict[str, Any]:
+    """The fallback client: ``concurrency`` aiohttp workers on keep-alive connections."""
+    bodies = [p.read_bytes() for p in paths]
+
+    async def main() -> tuple[list[float], int, int, float]:
+        import aiohttp
+
+        latencies: list[float] = []
+        bad = [0, 0]
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+            end = time.perf_counter() + duration_s
+            counter = [0]
+
+            async def worker() -> None:
+                while time.perf_counter() < end:
+                    body = bodies[counter[0] % len(bodies)]
+                    counter[0] += 1
+                    t0 = time.perf_counter()
+                    try:
+                        async with session.post(url, data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                            await r.read()
+                            if r.status >= 300:
+                                bad[0] += 1
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        bad[1] += 1
+                        continue
+                    latencies.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return latencies, bad[0], bad[1], time.perf_counter() - t0
+
+    cpu0 = time.process_time()
+    latencies, non2xx, errors, seconds = asyncio.run(main())
+    client_cpu = (time.process_time() - cpu0) / seconds
+    return {"client": "aiohttp", "requests": len(latencies), "seconds": round(seconds, 2),
+            "images_per_s": round(len(latencies) / seconds, 2), **latency_summary(latencies),
+            "non_2xx": non2xx, "socket_errors": errors, "client_cpu": round(client_cpu, 3)}
+
+
+# ------------------------------------------------------------------------ the benchmark
+def _settings(opts: BenchOptions) -> Any:
+    from service.settings import ServeSettings
+
+    return ServeSettings.build(opts.repo, config=opts.config, environ={}, overrides=opts.extra)
+
+
+def _check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -> float:
+    """Share of images whose served top-1 equals the in-process top-1 (the two must agree)."""
+    import httpx
+
+    same = 0
+    with httpx.Client(timeout=60) as client:
+        for body, want in zip(bodies, expected):
+            r = client.post(url, content=body, headers={"Content-Type": "image/jpeg"}, params={"top_k": 1})
+            if r.status_code != 200:
+                raise SteadyError(f"served classify answered {r.status_code}: {r.text[:300]}")
+            same += int(r.json()["predictions"][0]["index"] == want)
+    return same / max(1, len(bodies))
+
+
+def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ceiling, url: str,
+               service: ServiceProcess | None, workdir: Path, log: Any) -> dict[str, Any]:
+    bodies = [p.read_bytes() for p in paths]
+    client = opts.client if opts.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
+    log(f"[{name}] {len(paths)} images, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; client {client}")
+    agreement = _check_answers(url, bodies, ceiling.top1(bodies))
+    single = ceiling.single_latency(bodies[: min(len(bodies), 32)])
+    log(f"[{name}] served top-1 == in-process top-1 on {agreement:.1%}; in-process single image p50 {single['p50_ms']} ms")
+    sweep = {}
+    for b in CEILING_BATCH_SIZES:
+        sweep[b] = round(ceiling.throughput(bodies, b, opts.ceiling_s / 2), 2)
+    best = max(sweep, key=lambda b: sweep[b])
+    log(f"[{name}] ceiling sweep (images/s by batch size): {sweep}; best {best}")
+
+    def load(c: int, seconds: float) -> dict[str, Any]:
+        if client == "wrk":
+            return run_wrk(url, paths, c, seconds, workdir)
+        return run_aiohttp(url, paths, c, seconds)
+
+    load(max(opts.concurrency), opts.warmup_s)  # warm connections, batches, caches
+    runs = []
+    before = ceiling.throughput(bodies, best, opts.ceiling_s)
+    for c in opts.concurrency:
+        pids = service.pids() if service else []
+        cpu0, t0 = cpu_times(pids), time.perf_counter()
+        served = load(c, opts.duration_s)
+        service_cpu = cpu_share(cpu0, cpu_times(pids), time.perf_counter() - t0) if service else None
+        after = ceiling.throughput(bodies, best, opts.ceiling_s)
+        ceil = (before + after) / 2
+        run = {"concurrency": c, **served, "ceiling_images_per_s": round(ceil, 2),
+               "ceiling_before": round(before, 2), "ceiling_after": round(after, 2),
+               "ratio": round(served["images_per_s"] / ceil, 3), "service_cpu_cores": service_cpu}
+        log(f"[{name}] c={c}: served {served['images_per_s']} img/s, ceiling {ceil:.1f}, ratio {run['ratio']}, "
+            f"p50/p95/p99 {served['p50_ms']}/{served['p95_ms']}/{served['p99_ms']} ms, "
+            f"client {served['client_cpu']} core, errors {served['non_2xx'] + served['socket_errors']}")
+        runs.append(run)
+        before = after
+    return {
+        "name": name, "images": len(paths), "mean_bytes": int(np.mean([len(b) for b in bodies])),
+        "top1_agreement": round(agreement, 4), "single_image_ms": single,
+        "ceiling_by_batch_size": {str(k): v for k, v in sweep.items()}, "ceiling_batch_size": best,
+        "runs": runs,
+        "p50_c1_minus_single_ms": next((round(r["p50_ms"] - single["p50_ms"], 2) for r in runs
+                                        if r["concurrency"] == 1 and single["p50_ms"] is not None), None),
+    }
+
+
+def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
+    """Start (or reach) the service, measure served and ceiling side by side; the result document."""
+    from service.repository import ModelRepository
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    repo = ModelRepository(opts.repo)
+    version = repo.resolve(opts.model, opts.version)
+    settings = _settings(opts)
+    paths = image_paths(opts.data, opts.max_images)
+    load_avg_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="steady-bench-") as tmp:
+        workdir = Path(tmp)
+        service: ServiceProcess | None = None
+        memory: dict[str, Any] | None = None
+        try:
+            if opts.url:
+                base = opts.url.rstrip("/")
+                if _get(f"{base}/v2/health/ready", 5.0) != 200:
+                    raise SteadyError(f"{base}/v2/health/ready is not 200")
+                ready_s = None
+            else:
+                log("starting steady serve ...")
+                service = ServiceProcess(str(opts.repo), opts.config, workdir / "serve.log")
+                ready_s = service.wait_ready()
+                base = service.base
+                log(f"ready in {ready_s:.1f} s (from launching `steady serve` to /v2/health/ready == 200)")
+            url = f"{base}/v1/models/{opts.model}:classify"
+            ceiling = Ceiling(str(opts.repo), opts.model, version, settings)
+            sets = [_image_set("photos", paths, opts, ceiling, url, service, workdir, log)]
+            if service:
+                memory = memory_of(service.pids())
+                log(f"service memory: PSS {memory['pss_mb']} MB over {memory['processes']} processes "
+                    f"(RSS sum {memory['rss_sum_mb']} MB)")
+            if opts.large:
+                log(f"generating {opts.large_images} 12 MP JPEGs ...")
+                large = make_large_photos(paths, workdir / "large", opts.large_images)
+                sets.append(_image_set("large-12mp", large, opts, ceiling, url, service, workdir, log))
+            if service:
+                after = memory_of(service.pids())
+                if memory is None or after["pss_mb"] > memory["pss_mb"]:
+                    memory = after
+        finally:
+            if service:
+                service.stop()
+    return {
+        "model": opts.model, "version": version, "url": opts.url or "started by the benchmark",
+        "settings": {k: getattr(settings, k) for k in ("max_batch_size", "batch_wait_timeout_s", "ort_threads",
+                                                          "decode_threads", "replica_cpus", "num_replicas",
+                                                          "proxy", "live_fraction")},
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_avg_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "ready_s": round(ready_s, 2) if ready_s is not None else None,
+        "memory": memory,
+        "image_sets": sets,
+        # the headline numbers: the photo set
+        "runs": sets[0]["runs"],
+        "ratio": {str(r["concurrency"]): r["ratio"] for r in sets[0]["runs"]},
+        "single_image_ms": sets[0]["single_image_ms"]["p50_ms"],
+    }
+
+
+def format_report(doc: dict[str, Any]) -> str:
+    lines = [f"steady bench serve: {doc['model']} v{doc['version']} on {doc['cpus']} CPUs "
+             f"(load {doc['load_average_before'][0]} -> {doc['load_average_after'][0]})"]
+    if doc["ready_s"] is not None:
+        lines.append(f"ready {doc['ready_s']} s")
+    if doc["memory"]:
+        m = doc["memory"]
+        lines.append(f"memory: PSS {m['pss_mb']} MB (RSS sum {m['rss_sum_mb']} MB) over {m['processes']} processes")
+    for s in doc["image_sets"]:
+        lines.append(f"\n[{s['name']}] {s['images']} images, mean {s['mean_bytes'] // 1024} KiB; "
+                     f"in-process single image p50 {s['single_image_ms']['p50_ms']} ms; "
+                     f"ceiling batch {s['ceiling_batch_size']}; top-1 agreement {s['top1_agreement']:.1%}")
+        lines.append(f"{'conc':>5} {'served/s':>9} {'ceiling/s':>9} {'ratio':>6} {'p50 ms':>8} {'p95 ms':>8} "
+                     f"{'p99 ms':>8} {'errors':>6} {'client':>7}")
+        for r in s["runs"]:
+            lines.append(f"{r['concurrency']:>5} {r['images_per_s']:>9.1f} {r['ceiling_images_per_s']:>9.1f} "
+                         f"{r['ratio']:>6.3f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+                         f"{r['non_2xx'] + r['socket_errors']:>6} {r['client_cpu']:>7.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``steady bench serve`` beside ``steady bench score``."""
+    from robustness.cli import bench_subparsers
+
+    p = bench_subparsers(sub).add_parser(
+        "serve", help="served images/s vs the in-process ceiling, latency, ready time, memory",
+        description="Start `steady serve` (or use --url), drive it over HTTP with wrk and measure, in the same "
+                    "run, the in-process ceiling (decode + preprocess + ONNX Runtime, best batch size).")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("model", help="model name")
+    p.add_argument("--version", type=int, help="version (default: production)")
+    p.add_argument("--data", required=True, help="folder of images (JPEG photos)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated connection counts (default 1,8,32)")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per served run (default 15)")
+    p.add_argument("--url", help="base URL of a running service (default: start one)")
+    p.add_argument("--config", help="settings YAML for the started service (and the ceiling's thread counts)")
+    p.add_argument("--max-images", type=int, default=64, help="images cycled through (default 64)")
+    p.add_argument("--large", action="store_true", help="also run with 12 MP JPEGs generated into a temp dir")
+    p.add_argument("--large-images", type=int, default=8, help="how many 12 MP JPEGs (default 8)")
+    p.add_argument("--ceiling-seconds", type=float, default=4.0, help="seconds per ceiling measurement (default 4)")
+    p.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto", help="load generator")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.set_defaults(func=_cmd_bench_serve)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    try:
+        concurrency = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+    except ValueError as exc:
+        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from exc
+    opts = BenchOptions(repo=args.repo, model=args.model, version=args.version, data=args.data,
+                        concurrency=concurrency, duration_s=args.duration, url=args.url, config=args.config,
+                        max_images=args.max_images, large=args.large, large_images=args.large_images,
+                        ceiling_s=args.ceiling_seconds, client=args.client)
+    doc = bench_serve(opts)
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2) if args.json else format_report(doc))
+    return 0
