@@ -125,3 +125,7 @@ def lite0_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRepositor
     name, _, version = out.getvalue().strip().partition("/")
     assert version == "1", out.getvalue()
     return ModelRepository(root), name
+
+
+# The session's one real Ray Serve (defined in tests/serving.py so every folder shares one instance).
+from tests.serving import service  # noqa: E402,F401  (fixture registration)

@@ -1,7 +1,7 @@
 """Real Prometheus scraping the session's real Steady: every dashboard query returns data and every
 alert rule evaluates.
 
-One Ray per session: the ``service`` fixture (tests/service/conftest.py) is shared with the service
+One Ray per session: the ``service`` fixture (tests/serving.py) is shared with the service
 tests. This module adds a model ``scored`` (v1 production, v2 candidate, each with a robustness.json
 bound to its sha256) and reloads, so the robustness panels have a scored version to show; it leaves
 the other models alone.
@@ -26,7 +26,7 @@ from tests.conftest import encode, make_tiny_onnx, tiny_card
 from tests.deploy.promql import (
     ALERTS, dashboard, grafana_regex, panel_targets, query_variables, rules, substitute,
 )
-from tests.service.conftest import ADMIN_TOKEN, Service, free_port
+from tests.serving import ADMIN_TOKEN, Service, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ had to get and what it got; at the end of the session pytest prints one summary 
 ``STEADY_RELIABILITY_SUMMARY`` names a file, writes it there as JSON. The numbers in
 ``deploy/README-reliability.md`` come from that table.
 
-The session's real Ray Serve service (``tests/service/conftest.py``) is re-exported here;
+The session's real Ray Serve service (the ``service`` fixture of ``tests/serving.py``) is shared;
 tests that must break a server (kill replicas, corrupt its repository) start their own
 ``steady serve`` in a subprocess (:func:`serve_subprocess`).
 """
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.service.conftest import ADMIN_TOKEN, free_port, service  # noqa: F401  (fixture re-export)
+from tests.serving import ADMIN_TOKEN, free_port
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import encode, make_tiny_onnx, tiny_card
-from tests.service.conftest import ADMIN_TOKEN, Service
+from tests.serving import ADMIN_TOKEN, Service
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""One real Ray Serve instance per test session, on loopback, serving small real models.
+"""One real Ray Serve instance per test session (the ``service`` fixture, registered in tests/conftest.py), on loopback, serving small real models.
 
 Repository served by the session:
   tiny      v1 production
@@ -66,16 +66,8 @@ def _build_repo(root: Path, tiny_onnx: bytes) -> ModelRepository:
     return repo
 
 
-# One Ray per process. tests/deploy/conftest.py re-exports this fixture, which gives pytest a second
-# definition with its own cache; the second one to run reuses the running service (the first tears it down).
-_RUNNING: dict[str, Service] = {}
-
-
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request: pytest.FixtureRequest) -> Iterator[Service]:
-    if "service" in _RUNNING:
-        yield _RUNNING["service"]
-        return
     pytest.importorskip("ray")
     root = tmp_path_factory.mktemp("serve-repo")
     repo = _build_repo(root, tiny_onnx)
@@ -102,11 +94,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
     start_ray(settings, system_config={"metrics_report_interval_ms": 1000})
     try:
         ready_s = run_service(settings)
-        _RUNNING["service"] = Service(settings, repo, f"http://127.0.0.1:{settings.port}",
-                                      f"http://127.0.0.1:{settings.metrics_port}/metrics", ready_s, lite0)
-        yield _RUNNING["service"]
+        yield Service(settings, repo, f"http://127.0.0.1:{settings.port}",
+                      f"http://127.0.0.1:{settings.metrics_port}/metrics", ready_s, lite0)
     finally:
-        _RUNNING.pop("service", None)
         t0 = time.perf_counter()
         stop_service()  # serve.shutdown() only while ray.is_initialized(), bounded (HAProxy drain)
         print(f"serve shutdown took {time.perf_counter() - t0:.1f} s")
