@@ -21,7 +21,7 @@ from service.card import ModelCard
 from service.repository import ModelRepository, validate_name
 
 from exporters.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, to_onnx
-from exporters.parity import DEFAULT_TOLERANCE, check_parity
+from exporters.parity import DEFAULT_TOLERANCE, FP16_MIN_AGREEMENT, FP16_TOLERANCE, check_parity
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -39,7 +39,8 @@ def export_module(
     *,
     opset: int = DEFAULT_OPSET,
     resolutions: Sequence[int] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
+    precision: str = "fp32",
 ) -> ModelCard:
     """Export ``module`` to ONNX, prove parity, and store a new version.
 
@@ -53,7 +54,12 @@ def export_module(
         name: model name in the repository (default: ``card.name``).
         opset: ONNX opset.
         resolutions: parity resolutions (default: native, 0.875x, 1.3x).
-        tolerance: largest allowed absolute logit difference.
+        tolerance: largest allowed absolute logit difference (default 1e-3 for fp32,
+            0.5 for fp16).
+        precision: ``fp32``, or ``fp16``: weights and activations in half precision
+            inside the graph (inputs and logits stay float32), for GPUs. An fp16 export is
+            compared with the float32 PyTorch module and must agree on top-1 for at least
+            99.5% of the inputs.
 
     Returns:
         The stored card, with its version and parity record.
@@ -64,10 +70,36 @@ def export_module(
         ParityError: ONNX Runtime and PyTorch disagree, with the numbers.
     """
     name = validate_name(name or card.name)
-    card = card.replace(name=name, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+    card = card.replace(name=name, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME, precision=precision)
     module.eval()
-    onnx_bytes = to_onnx(module, card.resolution, opset=opset)
-    parity = check_parity(module, onnx_bytes, card, resolutions=resolutions, tolerance=tolerance)
+    if precision == "fp16":
+        onnx_bytes = to_onnx(_half_precision(module), card.resolution, opset=opset)
+        parity = check_parity(module, onnx_bytes, card, resolutions=resolutions,
+                              tolerance=FP16_TOLERANCE if tolerance is None else tolerance,
+                              min_agreement=FP16_MIN_AGREEMENT)
+    else:
+        onnx_bytes = to_onnx(module, card.resolution, opset=opset)
+        parity = check_parity(module, onnx_bytes, card, resolutions=resolutions,
+                              tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
     _log.info("%s parity: max abs logit difference %.3g, top-1 agreement %.3f on %d inputs at %s px",
               name, parity.max_abs_diff, parity.top1_agreement, len(parity.images), parity.resolutions)
     return repo.add(name, onnx_bytes, card.replace(parity=parity))
+
+
+def _half_precision(module: "nn.Module") -> "nn.Module":
+    """A float32-in, float32-out wrapper around a half-precision copy of ``module``."""
+    import copy
+
+    import torch
+
+    class HalfPrecision(torch.nn.Module):
+        def __init__(self, inner: "nn.Module") -> None:
+            super().__init__()
+            self.inner = copy.deepcopy(inner).half().eval()
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            return self.inner(x.half()).float()
+
+    return HalfPrecision(module).eval()

@@ -46,6 +46,7 @@ class ExportOptions:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     opset: int = 17
+    precision: str = "fp32"
 
     def user_fields(self) -> dict[str, Any]:
         """Card fields from the YAML file, overridden by flags."""
@@ -101,6 +102,8 @@ def export_source(source: str, repo: ModelRepository, options: ExportOptions) ->
     if kind == "onnx":
         from exporters.onnx_source import import_onnx
 
+        if options.precision != "fp32":
+            raise ExportError("--precision applies to PyTorch sources; an onnx: file is stored as it is")
         return import_onnx(arg, fields, repo, name)
 
     from exporters.module_export import export_module
@@ -124,4 +127,4 @@ def export_source(source: str, repo: ModelRepository, options: ExportOptions) ->
         raise ExportError(f"{len(fields['labels'])} labels given but the model has {card.num_classes} classes")
     if "train_resolution" in fields and "test_resolution" not in fields:
         fields["test_resolution"] = fields["train_resolution"]
-    return export_module(module, card.replace(**fields), repo, name, opset=options.opset)
+    return export_module(module, card.replace(**fields), repo, name, opset=options.opset, precision=options.precision)

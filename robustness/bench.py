@@ -35,7 +35,7 @@ def raw_throughput(classifier: Classifier, batch_size: int, seconds: float = 3.0
 
 def bench_score(repo: Any, model: str, version: int, data: str, *, max_images: int = 16, batch_size: int = 32,
                 policies: tuple[str, ...] = ("center", "object"), seed: int = 0,
-                raw_seconds: float = 3.0) -> dict[str, Any]:
+                raw_seconds: float = 3.0, overlap: bool = True) -> dict[str, Any]:
     loaded = repo.load(model, version)
     card = loaded.card
     dataset = load_dataset(data, None, max_images)
@@ -43,7 +43,7 @@ def bench_score(repo: Any, model: str, version: int, data: str, *, max_images: i
     classifier = Classifier(loaded.onnx_bytes, card, RuntimeOptions(provider="cpu"))
     raw_before = raw_throughput(classifier, batch_size, raw_seconds)
     _, timing = score_items(loaded.onnx_bytes, card, dataset.root, dataset.items, config, seed,
-                            ScoreOptions(batch_size=batch_size))
+                            ScoreOptions(batch_size=batch_size, overlap=overlap))
     raw_after = raw_throughput(classifier, batch_size, raw_seconds)
     raw = (raw_before + raw_after) / 2
     scorer = timing["evaluations"] / timing["seconds"]
@@ -53,5 +53,5 @@ def bench_score(repo: Any, model: str, version: int, data: str, *, max_images: i
         "raw_ort_evals_per_s": round(raw, 2), "scorer_evals_per_s": round(scorer, 2),
         "ratio": round(scorer / raw, 3),
         "scorer_inference_share": round(timing["infer_seconds"] / timing["seconds"], 3),
-        "policies": list(policies),
+        "policies": list(policies), "overlap": overlap,
     }

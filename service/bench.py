@@ -168,15 +168,16 @@ class Ceiling:
                 times.append(time.perf_counter() - t0)
         return latency_summary(times)
 
-    def throughput(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> float:
-        """Images/s of the best in-process pipeline at ``batch_size``: the larger of one thread doing
-        everything in turn, and ``decode_threads`` threads decoding the next batch while ONNX Runtime
-        runs this one (the thread budget the service has)."""
-        return max(self._sequential(bodies, batch_size, seconds / 2), self._pipelined(bodies, batch_size, seconds / 2))
+    def throughput(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> dict[str, Any]:
+        """The best in-process pipeline at ``batch_size``: the faster of one thread doing everything in
+        turn (``sequential``) and ``decode_threads`` threads decoding the next batch while ONNX Runtime
+        runs this one (``pipelined``, the thread budget the service has). Images/s and CPU ms per image."""
+        runs = [self._sequential(bodies, batch_size, seconds / 2), self._pipelined(bodies, batch_size, seconds / 2)]
+        return max(runs, key=lambda r: r["images_per_s"])
 
-    def _sequential(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> float:
+    def _sequential(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> dict[str, Any]:
         self._batch(bodies[:batch_size])
-        n, i, t0 = 0, 0, time.perf_counter()
+        n, i, t0, cpu0 = 0, 0, time.perf_counter(), time.process_time()
         while True:
             chunk = [bodies[(i + k) % len(bodies)] for k in range(batch_size)]
             i += batch_size
@@ -184,9 +185,9 @@ class Ceiling:
             n += batch_size
             elapsed = time.perf_counter() - t0
             if elapsed >= seconds:
-                return n / elapsed
+                return _rate("sequential", n, elapsed, time.process_time() - cpu0)
 
-    def _pipelined(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> float:
+    def _pipelined(self, bodies: Sequence[bytes], batch_size: int, seconds: float) -> dict[str, Any]:
         from concurrent.futures import ThreadPoolExecutor
 
         pre, clf = self.served.pre, self.served.classifier
@@ -204,7 +205,7 @@ class Ceiling:
                 return futures
 
             current = submit()
-            n, t0 = 0, time.perf_counter()
+            n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
             while True:
                 ahead = submit()
                 clf.logits(pre.to_tensor([f.result() for f in current]))
@@ -212,9 +213,14 @@ class Ceiling:
                 n += batch_size
                 elapsed = time.perf_counter() - t0
                 if elapsed >= seconds:
+                    cpu = time.process_time() - cpu0
                     for f in current:
                         f.result()
-                    return n / elapsed
+                    return _rate("pipelined", n, elapsed, cpu)
+
+
+def _rate(mode: str, images: int, seconds: float, cpu_s: float) -> dict[str, Any]:
+    return {"mode": mode, "images_per_s": round(images / seconds, 2), "cpu_ms_per_image": round(1000 * cpu_s / images, 2)}
 
 
 # ------------------------------------------------------------------------ the service
@@ -355,12 +361,14 @@ def cpu_times(pids: Sequence[int]) -> dict[int, tuple[str, float]]:
 
 
 def cpu_share(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
-    """Cores used per process name between two :func:`cpu_times` snapshots (only names using >= 0.01 core)."""
+    """Cores used per process name between two :func:`cpu_times` snapshots (names using >= 0.005 core;
+    ``total`` counts every process)."""
     used: dict[str, float] = {}
     for pid, (name, t) in after.items():
         delta = t - before.get(pid, (name, 0.0))[1]
         used[name] = used.get(name, 0.0) + delta / seconds
-    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+    shares = {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+    return {"total": round(sum(used.values()), 3), **shares}
 
 
 # ------------------------------------------------------------------------ load generators
@@ -487,11 +495,10 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     agreement = _check_answers(url, bodies, ceiling.top1(bodies))
     single = ceiling.single_latency(bodies[: min(len(bodies), 32)])
     log(f"[{name}] served top-1 == in-process top-1 on {agreement:.1%}; in-process single image p50 {single['p50_ms']} ms")
-    sweep = {}
-    for b in CEILING_BATCH_SIZES:
-        sweep[b] = round(ceiling.throughput(bodies, b, opts.ceiling_s / 2), 2)
-    best = max(sweep, key=lambda b: sweep[b])
-    log(f"[{name}] ceiling sweep (images/s by batch size): {sweep}; best {best}")
+    sweep = {b: ceiling.throughput(bodies, b, opts.ceiling_s / 2) for b in CEILING_BATCH_SIZES}
+    best = max(sweep, key=lambda b: sweep[b]["images_per_s"])
+    log(f"[{name}] ceiling sweep (images/s by batch size): "
+        f"{ {b: (r['images_per_s'], r['mode']) for b, r in sweep.items()} }; best {best}")
 
     def load(c: int, seconds: float) -> dict[str, Any]:
         if client == "wrk":
@@ -505,15 +512,21 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
         pids = service.pids() if service else []
         cpu0, t0 = cpu_times(pids), time.perf_counter()
         served = load(c, opts.duration_s)
-        service_cpu = cpu_share(cpu0, cpu_times(pids), time.perf_counter() - t0) if service else None
+        seconds = time.perf_counter() - t0
+        service_cpu = cpu_share(cpu0, cpu_times(pids), seconds) if service else None
         after = ceiling.throughput(bodies, best, opts.ceiling_s)
-        ceil = (before + after) / 2
+        ceil = (before["images_per_s"] + after["images_per_s"]) / 2
         run = {"concurrency": c, **served, "ceiling_images_per_s": round(ceil, 2),
-               "ceiling_before": round(before, 2), "ceiling_after": round(after, 2),
-               "ratio": round(served["images_per_s"] / ceil, 3), "service_cpu_cores": service_cpu}
+               "ceiling_before": before, "ceiling_after": after,
+               "ratio": round(served["images_per_s"] / ceil, 3), "service_cpu_cores": service_cpu,
+               # contention-proof efficiency: CPU spent per image, by the whole service vs in-process
+               "service_cpu_ms_per_image": round(1000 * service_cpu["total"] * seconds / max(1, served["requests"]), 2)
+               if service_cpu else None,
+               "ceiling_cpu_ms_per_image": round((before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2, 2)}
         log(f"[{name}] c={c}: served {served['images_per_s']} img/s, ceiling {ceil:.1f}, ratio {run['ratio']}, "
             f"p50/p95/p99 {served['p50_ms']}/{served['p95_ms']}/{served['p99_ms']} ms, "
-            f"client {served['client_cpu']} core, errors {served['non_2xx'] + served['socket_errors']}")
+            f"client {served['client_cpu']} core, errors {served['non_2xx'] + served['socket_errors']}; CPU ms/image "
+            f"service {run['service_cpu_ms_per_image']} vs in-process {run['ceiling_cpu_ms_per_image']}")
         runs.append(run)
         before = after
     return {
@@ -601,11 +614,12 @@ def format_report(doc: dict[str, Any]) -> str:
                      f"in-process single image p50 {s['single_image_ms']['p50_ms']} ms; "
                      f"ceiling batch {s['ceiling_batch_size']}; top-1 agreement {s['top1_agreement']:.1%}")
         lines.append(f"{'conc':>5} {'served/s':>9} {'ceiling/s':>9} {'ratio':>6} {'p50 ms':>8} {'p95 ms':>8} "
-                     f"{'p99 ms':>8} {'errors':>6} {'client':>7}")
+                     f"{'p99 ms':>8} {'errors':>6} {'client':>7} {'cpu ms/img svc/ceil':>20}")
         for r in s["runs"]:
             lines.append(f"{r['concurrency']:>5} {r['images_per_s']:>9.1f} {r['ceiling_images_per_s']:>9.1f} "
                          f"{r['ratio']:>6.3f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-                         f"{r['non_2xx'] + r['socket_errors']:>6} {r['client_cpu']:>7.3f}")
+                         f"{r['non_2xx'] + r['socket_errors']:>6} {r['client_cpu']:>7.3f} "
+                         f"{str(r['service_cpu_ms_per_image']) + ' / ' + str(r['ceiling_cpu_ms_per_image']):>20}")
     return "\n".join(lines)
 
 

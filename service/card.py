@@ -31,6 +31,7 @@ __all__ = [
     "METADATA_KEY",
     "POLICIES",
     "INTERPOLATIONS",
+    "PRECISIONS",
     "Source",
     "Parity",
     "ModelCard",
@@ -41,6 +42,7 @@ CARD_SCHEMA_VERSION = 1
 METADATA_KEY = "steady.card"
 POLICIES = ("center", "object")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+PRECISIONS = ("fp32", "fp16")
 
 
 def steady_version() -> str:
@@ -96,6 +98,7 @@ class ModelCard:
     input_name: str = "input"
     output_name: str = "logits"
     policy: str = "center"
+    precision: str = "fp32"  # weights/activations inside the graph; inputs and outputs are always float32
     onnx_sha256: str | None = None
     opset: int | None = None
     source: Source = field(default_factory=Source)
@@ -128,6 +131,8 @@ class ModelCard:
             raise CardError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.policy not in POLICIES:
             raise CardError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.precision not in PRECISIONS:
+            raise CardError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.value_scale != "0..255":
             raise CardError(f"value_scale must be '0..255' (state mean/std on 0..255), got {self.value_scale!r}")
         if self.layout != "NCHW" or self.channel_order not in ("RGB", "BGR"):

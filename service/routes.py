@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -42,6 +43,8 @@ __all__ = ["build_routes", "parse_multipart_image"]
 
 log = logging.getLogger(__name__)
 
+BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (slow or stalled uploads are cut off)
+
 
 def parse_multipart_image(content_type: str, body: bytes, field: str = "image") -> bytes:
     """The bytes of form field ``field`` of a multipart/form-data body."""
@@ -63,6 +66,14 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
     """The Starlette application over ``plane``."""
 
     async def read_body(request: Request) -> bytes:
+        """The whole body, bounded in size (413) and in time (a stalled upload gets 400 after BODY_TIMEOUT_S)."""
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                return await _read_body(request)
+        except TimeoutError as exc:
+            raise InvalidInput(f"request body not received within {BODY_TIMEOUT_S:.0f} s") from exc
+
+    async def _read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
@@ -77,7 +88,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         return b"".join(chunks)
 
     def counted(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """Admission (503 when over the in-flight bound) and request metrics for inference routes."""
+        """Request metrics for inference routes; the handler takes its admission slot with ``admitted_body``."""
 
         async def wrapper(request: Request) -> Response:
             start = time.perf_counter()
@@ -86,13 +97,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
             model = model if model in plane.catalog.models else "_unknown"
             labels = {"version": "none", "stage": "none"}
             request.state.labels = labels
+            request.state.admitted = False
             code = 500
-            try:
-                plane.admit()
-            except SteadyError as exc:
-                code = exc.status
-                metrics.request(model, labels["version"], labels["stage"], code, time.perf_counter() - start)
-                raise
             try:
                 response = await handler(request)
                 code = response.status_code
@@ -105,10 +111,22 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
                 code = 500
                 raise SteadyError(f"internal error: {type(exc).__name__}") from exc
             finally:
-                plane.release()
+                if request.state.admitted:
+                    plane.release()
                 metrics.request(model, labels["version"], labels["stage"], code, time.perf_counter() - start)
 
         return wrapper
+
+    async def admitted_body(request: Request) -> bytes:
+        """Read the body, then take an admission slot (503 when over ``max_inflight``).
+
+        Admission comes after the body so that clients stalling mid-upload hold a connection,
+        never one of the slots that bound the decode and inference work.
+        """
+        body = await read_body(request)
+        plane.admit()
+        request.state.admitted = True
+        return body
 
     # ----------------------------------------------------------------- REST
     @counted
@@ -126,7 +144,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
             raise InvalidInput(f"top_k must be a positive integer, got {top_raw[:20]!r}")
         version = request.query_params.get("version") or None
         plane.lookup(model, version)  # 404 before reading a large body
-        body = await read_body(request)
+        body = await admitted_body(request)
         if media == "multipart/form-data":
             body = parse_multipart_image(content_type, body)
         served, doc = await plane.classify(model, body, int(top_raw), version)
@@ -183,7 +201,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         model = request.path_params["model"]
         version = request.path_params.get("version")
         plane.lookup(model, version)
-        body = await read_body(request)
+        body = await admitted_body(request)
         header_length = v2.parse_header_length(request.headers.get(v2.HEADER_LENGTH), len(body))
         parsed = v2.parse_infer_request(body, header_length)
         served, outputs, binary = await plane.infer_v2(model, version, parsed)

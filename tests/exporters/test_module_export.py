@@ -68,3 +68,16 @@ def test_export_failure_is_an_export_error() -> None:
 
     with pytest.raises(ExportError, match="Unexportable"):
         to_onnx(Unexportable(), 32)
+
+
+def test_fp16_export_keeps_float32_io_and_records_its_parity(small_net: nn.Module, tmp_path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    card = export_module(small_net, small_card(), repo, "half", precision="fp16")
+    assert card.precision == "fp16"
+    assert card.parity is not None and card.parity.top1_agreement >= 0.995 and card.parity.tolerance == 0.5
+    model = onnx.load_from_string(repo.load("half", 1).onnx_bytes)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    with pytest.raises(ValueError, match="precision"):
+        export_module(small_net, small_card(), repo, "half", precision="int8")

@@ -119,6 +119,7 @@ class Subprocess:
     port: int
     log: Path
     env: dict[str, str]
+    ray_tmp: Path  # RAY_TMPDIR of this server: its session logs are under it
 
     def descendants(self) -> list[int]:
         return descendants(self.proc.pid)
@@ -171,8 +172,11 @@ def serve_subprocess(repo: Path, log: Path, config: dict[str, Any], timeout: flo
     cfg = log.with_suffix(".yaml")
     cfg.write_text(yaml.safe_dump(settings))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEADY_")}
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="sr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
     fh = open(log, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(cfg)],
                             stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -184,11 +188,11 @@ def serve_subprocess(repo: Path, log: Path, config: dict[str, Any], timeout: flo
             raise RuntimeError(f"steady serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return Subprocess(proc, base, repo, port, log, env)
+                return Subprocess(proc, base, repo, port, log, env, ray_tmp)
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    stop_subprocess(Subprocess(proc, base, repo, port, log, env))
+    stop_subprocess(Subprocess(proc, base, repo, port, log, env, ray_tmp))
     raise RuntimeError(f"steady serve not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
@@ -223,5 +227,8 @@ def private_server_factory() -> Iterator[Any]:
         return server
 
     yield start
+    import shutil
+
     for server in started:
         stop_subprocess(server)
+        shutil.rmtree(server.ray_tmp, ignore_errors=True)

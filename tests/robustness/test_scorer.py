@@ -104,3 +104,25 @@ def test_shards_cover_items_in_order() -> None:
     items = list(range(10))
     parts = shard(items, 3)  # type: ignore[arg-type]
     assert [x for p in parts for x in p] == items and len(parts) == 3
+
+
+def test_overlapped_and_serial_scoring_give_the_same_records(tiny_repo: ModelRepository,
+                                                             image_folder: tuple[Path, Path]) -> None:
+    from robustness.scorer import ScoreOptions, score_items
+
+    data, labels = image_folder
+    loaded = tiny_repo.load("tiny", 1)
+    ds = load_dataset(data, labels)
+    cfg = ProtocolConfig(translate_frames=3, zoom_start=0.9, zoom_stop=1.1)
+    a, _ = score_items(loaded.onnx_bytes, loaded.card, ds.root, ds.items, cfg, 1, ScoreOptions(overlap=True))
+    b, _ = score_items(loaded.onnx_bytes, loaded.card, ds.root, ds.items, cfg, 1,
+                       ScoreOptions(overlap=False, batch_size=7, chunk_images=3))
+    assert a == b and [r["index"] for r in a] == list(range(6))
+
+
+def test_a_decode_error_in_the_producer_surfaces(tiny_repo: ModelRepository, image_folder: tuple[Path, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    data, _ = image_folder
+    (data / "broken.png").write_bytes(b"not an image")
+    assert main(["score", "--repo", str(tiny_repo.root), "tiny", "--data", str(data), "--no-progress"]) == 2
+    assert "decode" in capsys.readouterr().err
