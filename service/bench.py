@@ -493,9 +493,13 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     client = opts.client if opts.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     log(f"[{name}] {len(paths)} images, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; client {client}")
     agreement = _check_answers(url, bodies, ceiling.top1(bodies))
-    single = ceiling.single_latency(bodies[: min(len(bodies), 32)])
-    log(f"[{name}] served top-1 == in-process top-1 on {agreement:.1%}; in-process single image p50 {single['p50_ms']} ms")
+    single_before = ceiling.single_latency(bodies[: min(len(bodies), 32)])
+    log(f"[{name}] served top-1 == in-process top-1 on {agreement:.1%}; in-process single image p50 "
+        f"{single_before['p50_ms']} ms")
+    pids = service.pids() if service else []
+    idle0, t_idle = cpu_times(pids), time.perf_counter()
     sweep = {b: ceiling.throughput(bodies, b, opts.ceiling_s / 2) for b in CEILING_BATCH_SIZES}
+    idle = cpu_share(idle0, cpu_times(pids), time.perf_counter() - t_idle) if service else None  # no traffic
     best = max(sweep, key=lambda b: sweep[b]["images_per_s"])
     log(f"[{name}] ceiling sweep (images/s by batch size): "
         f"{ {b: (r['images_per_s'], r['mode']) for b, r in sweep.items()} }; best {best}")
@@ -523,16 +527,25 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
                "service_cpu_ms_per_image": round(1000 * service_cpu["total"] * seconds / max(1, served["requests"]), 2)
                if service_cpu else None,
                "ceiling_cpu_ms_per_image": round((before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2, 2)}
+        # the same ratio counted in CPU time: unaffected by how much CPU other work on the machine takes
+        run["cpu_ratio"] = (round(run["ceiling_cpu_ms_per_image"] / run["service_cpu_ms_per_image"], 3)
+                            if run["service_cpu_ms_per_image"] else None)
         log(f"[{name}] c={c}: served {served['images_per_s']} img/s, ceiling {ceil:.1f}, ratio {run['ratio']}, "
             f"p50/p95/p99 {served['p50_ms']}/{served['p95_ms']}/{served['p99_ms']} ms, "
             f"client {served['client_cpu']} core, errors {served['non_2xx'] + served['socket_errors']}; CPU ms/image "
             f"service {run['service_cpu_ms_per_image']} vs in-process {run['ceiling_cpu_ms_per_image']}")
         runs.append(run)
         before = after
+    # single-image latency before and after the served runs, so a busy machine shows in both
+    single_after = ceiling.single_latency(bodies[: min(len(bodies), 32)])
+    single = {k: (round((single_before[k] + single_after[k]) / 2, 2) if single_before[k] is not None else None)
+              for k in single_before}
     return {
         "name": name, "images": len(paths), "mean_bytes": int(np.mean([len(b) for b in bodies])),
         "top1_agreement": round(agreement, 4), "single_image_ms": single,
+        "single_image_ms_before_after": [single_before, single_after],
         "ceiling_by_batch_size": {str(k): v for k, v in sweep.items()}, "ceiling_batch_size": best,
+        "service_idle_cpu_cores": idle,
         "runs": runs,
         "p50_c1_minus_single_ms": next((round(r["p50_ms"] - single["p50_ms"], 2) for r in runs
                                         if r["concurrency"] == 1 and single["p50_ms"] is not None), None),
@@ -597,6 +610,7 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
         # the headline numbers: the photo set
         "runs": sets[0]["runs"],
         "ratio": {str(r["concurrency"]): r["ratio"] for r in sets[0]["runs"]},
+        "cpu_ratio": {str(r["concurrency"]): r["cpu_ratio"] for r in sets[0]["runs"]},
         "single_image_ms": sets[0]["single_image_ms"]["p50_ms"],
     }
 

@@ -119,7 +119,7 @@ class SteadyServer:
             raise result
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.004)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both re-set from the settings in __init__
     async def _batched(self, served: list[ServedVersion], tensors: list[np.ndarray], enqueued: list[float]) -> list[Any]:
         start = time.perf_counter()
         groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}

@@ -68,9 +68,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
     async def read_body(request: Request) -> bytes:
         """The whole body, bounded in size (413) and in time (a stalled upload gets 400 after BODY_TIMEOUT_S)."""
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                return await _read_body(request)
-        except TimeoutError as exc:
+            return await asyncio.wait_for(_read_body(request), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError as exc:
             raise InvalidInput(f"request body not received within {BODY_TIMEOUT_S:.0f} s") from exc
 
     async def _read_body(request: Request) -> bytes:
@@ -121,8 +120,11 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         """Read the body, then take an admission slot (503 when over ``max_inflight``).
 
         Admission comes after the body so that clients stalling mid-upload hold a connection,
-        never one of the slots that bound the decode and inference work.
+        never one of the slots that bound the decode and inference work; when the slots are
+        already taken the request is shed before its body is read, so overload stays cheap.
         """
+        if plane.inflight >= settings.max_inflight:
+            plane.admit()  # raises Overloaded (503 + Retry-After) without reading the body
         body = await read_body(request)
         plane.admit()
         request.state.admitted = True

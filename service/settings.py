@@ -44,7 +44,9 @@ class ServeSettings:
         autoscaling: Ray Serve ``autoscaling_config`` dict (min_replicas, max_replicas, ...).
         replica_cpus: ``num_cpus`` of each replica (ORT + decode threads run inside it).
         replica_gpus: ``num_gpus`` of each replica (set with ``provider: cuda`` and onnxruntime-gpu).
-        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` parameters.
+        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` parameters. The wait defaults to 0: a batch
+            takes whatever queued while the previous one ran (natural batching under load), and a lone
+            request does not wait for company (it cost 4 ms at concurrency 1; deploy/README-performance.md).
         max_ongoing_requests: per replica, Ray Serve's concurrency cap (>= max_batch_size).
         max_queued_requests: Ray Serve's bounded queue in front of the replicas (503 beyond).
         max_inflight: Steady's own bound per replica; over it a request gets 503 + Retry-After.
@@ -59,7 +61,8 @@ class ServeSettings:
         model_candidate_mode: per-model override of ``candidate_mode`` ({model: mode}).
         canary_fraction: share of requests answered by the candidate in canary mode.
         shadow_fraction: share of production requests the candidate also scores in shadow mode.
-        live_fraction: share of production requests re-scored shifted and zoomed.
+        live_fraction: share of production requests re-scored shifted and zoomed (each check costs two
+            extra inferences: 0.01 adds 2% to the inference work, 0.05 added 10%).
         live_shift_px, live_zoom: the live robustness transforms.
         max_background: side tasks (shadow, live) in flight per replica; more are dropped.
         admin_token: bearer token of ``/v1/admin/*``; admin endpoints are off without one.
@@ -80,7 +83,7 @@ class ServeSettings:
     replica_cpus: float = 2.0
     replica_gpus: float = 0.0
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.004
+    batch_wait_timeout_s: float = 0.0
     max_ongoing_requests: int = 64
     max_queued_requests: int = 256
     max_inflight: int = 128
@@ -95,7 +98,7 @@ class ServeSettings:
     model_candidate_mode: dict[str, str] | None = None
     canary_fraction: float = 0.1
     shadow_fraction: float = 1.0
-    live_fraction: float = 0.05
+    live_fraction: float = 0.01
     live_shift_px: int = 1
     live_zoom: float = 1.05
     max_background: int = 8

@@ -175,8 +175,12 @@ def serve_subprocess(repo: Path, log: Path, config: dict[str, Any], timeout: flo
     import tempfile
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="sr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    # every port Ray Serve fixes by default, so concurrent Ray instances on one machine never cross-talk
+    # (with the HAProxy ingress the Serve proxy listens on RAY_SERVE_FALLBACK_PROXY_HTTP_PORT, default 8500)
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+               RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()), RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=str(free_port()),
                PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
+    env.pop("RAY_ADDRESS", None)  # never join the session's own Ray
     fh = open(log, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(cfg)],
                             stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)

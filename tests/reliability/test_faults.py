@@ -43,11 +43,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_server_factory: Any
     repo = ModelRepository(root)
     repo.add("tiny", make_tiny_onnx(), tiny_card())
     repo.set_stage("tiny", "production", 1, reason="initial")
-    return private_server_factory(root, root.parent / "faults-serve.log", {
+    server = private_server_factory(root, root.parent / "faults-serve.log", {
         "app_name": "steadyrel", "num_replicas": 2, "replica_cpus": 0.5, "ort_threads": 1, "decode_threads": 1,
         "max_inflight": 32, "live_fraction": 0.0, "candidate_mode": "off", "admin_token": TOKEN,
         "max_body_bytes": 1024 * 1024, "max_pixels": 1_000_000,
     })
+    wait_replicas(server, 2, set(), 30)  # ours, in our process tree (not another Ray on this machine)
+    return server
 
 
 def replicas(server: Subprocess) -> list[int]:

@@ -167,3 +167,12 @@ def _json(r: httpx.Response) -> object:
         return r.json()
     except ValueError:
         return None
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("top_k", ["0", "-1", "x", "\u00b2", "1001", "99999", "", "1e3", " 5"])
+def test_hostile_query_parameters(service, tally: Tally, top_k: str) -> None:
+    r = httpx.post(f"{service.base}/v1/models/tiny:classify", params={"top_k": top_k}, content=photo_jpeg(),
+                   headers={"Content-Type": "image/jpeg"}, timeout=10)
+    tally.record("images-http", expected=r.status_code == 400, status=r.status_code)
+    assert r.status_code == 400 and set(r.json()) == {"error"}, (top_k, r.status_code, r.text)

@@ -101,11 +101,12 @@ def test_overload_sheds_fast_and_recovers(service) -> None:
     for c in codes:
         TALLY.record("overload", expected=c in (200, 503), status=c if isinstance(c, int) else None,
                      lost=c == "timeout", crash=not isinstance(c, int))
-    ok_sorted = sorted(ok)
-    print(f"\n200 latency p50 {ok_sorted[len(ok_sorted) // 2]:.2f} p95 {ok_sorted[int(0.95 * (len(ok_sorted) - 1))]:.2f}; "
-          f"503 p50 {shed_lat[len(shed_lat) // 2] if shed_lat else 0:.2f} p95 {p95_shed:.2f}")
+    ok_sorted = sorted(ok) or [0.0]
+    p50_ok, p95_ok = ok_sorted[len(ok_sorted) // 2], ok_sorted[int(0.95 * (len(ok_sorted) - 1))]
+    p50_shed = shed_lat[len(shed_lat) // 2] if shed_lat else 0.0
     TALLY.note("overload", f"{CLIENTS} clients for {SECONDS:.0f} s ({wall:.1f} s wall): {len(results)} requests, "
-                           f"{len(ok)} x 200, {len(shed)} x 503 (p95 {p95_shed * 1000:.0f} ms, Retry-After on all), "
+                           f"{len(ok)} x 200 (p50 {p50_ok:.2f} s, p95 {p95_ok:.2f} s), {len(shed)} x 503 (p50 {p50_shed:.2f} s, "
+                           f"p95 {p95_shed:.2f} s, Retry-After and JSON on all), "
                            f"{len(other)} other; replica RSS growth "
                            f"{', '.join(f'{g:+.0f} MB' for g in growth.values())}; replicas alive {len(alive)}/2")
 
@@ -114,8 +115,7 @@ def test_overload_sheds_fast_and_recovers(service) -> None:
     assert not bad_503, f"{len(bad_503)} 503s without Retry-After or JSON error: {bad_503[0].text[:200]}"
     # shedding is cheap: a 503 costs a fraction of an admitted request (the load generator shares the same
     # 2 cores, so absolute tails measure the whole saturated machine; the README reports them)
-    p50_shed, p50_ok = shed_lat[len(shed_lat) // 2], sorted(ok)[len(ok) // 2]
-    assert p50_shed < 1.0 and p50_shed < 0.5 * p50_ok, f"503s are not fast: p50 {p50_shed:.2f} s vs 200 p50 {p50_ok:.2f} s"
+    assert p50_shed < 2.0 and p50_shed < 0.5 * p50_ok, f"503s are not fast: p50 {p50_shed:.2f} s vs 200 p50 {p50_ok:.2f} s"
     assert max(lat for _, lat, _ in results) < TIMEOUT
     assert alive == pids, "a replica died under overload"
     assert all(g < 400 for g in growth.values()), growth
