@@ -89,6 +89,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
     # HAProxy's stats/metrics ports are fixed by default: keep parallel Ray instances apart
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    # ...and so are the fallback proxy's ports behind HAProxy (8500 / 9500)
+    os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(free_port()))
+    os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(free_port()))
     from service.serve_cli import run_service, start_ray, stop_service
 
     start_ray(settings, system_config={"metrics_report_interval_ms": 1000})
