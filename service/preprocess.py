@@ -252,10 +252,11 @@ def normalise(pixels: np.ndarray | Sequence[np.ndarray], card: ModelCard) -> np.
         raise InvalidInput(f"expected images of shape (N, H, W, 3), got {batch.shape}")
     if card.channel_order == "BGR":
         batch = batch[..., ::-1]
-    mean = np.asarray(card.mean, dtype=np.float32)
-    inv_std = 1.0 / np.asarray(card.std, dtype=np.float32)
-    out = (batch.astype(np.float32) - mean) * inv_std
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    # transpose the uint8 pixels first (4x fewer bytes to move), then convert in place
+    out = np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32)
+    out -= np.asarray(card.mean, dtype=np.float32)[:, None, None]
+    out *= (1.0 / np.asarray(card.std, dtype=np.float32))[:, None, None]
+    return out
 
 
 # ------------------------------------------------------------------ the facade
@@ -309,7 +310,7 @@ class Preprocessor:
         if self.policy == "object":
             from service.localize import object_box
 
-            return object_box(img, crop_pct=self.card.crop_pct, background=self.background)
+            return object_box(img, crop_pct=self.card.crop_pct, background=self.background, resolution=self.resolution)
         return center_box(img.size[0], img.size[1], self.resolution, self.card.crop_pct)
 
     def view(self, img: Image.Image, box: Box | None = None) -> View:
