@@ -12,12 +12,12 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Mapping
 
 from service.errors import ExportError
+from service.repository import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -27,14 +27,9 @@ __all__ = ["SKIPPED_SUFFIXES", "file_sha256", "load_state_dict", "map_by_positio
 
 SKIPPED_SUFFIXES = ("num_batches_tracked",)
 
+# one sha256 helper for the whole project: the repository's
+file_sha256 = sha256_file
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> "OrderedDict[str, torch.Tensor]":
