@@ -48,7 +48,7 @@ def start_ray(settings: Any, system_config: dict[str, Any] | None = None) -> Non
     os.environ.setdefault("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE", "1")
     # Serve's controller loops every 0.1 s by default: 0.034 core idle on a 2-core machine, with
     # the GCS traffic it causes. Every 0.5 s: 0.013 core, ready time unchanged (measured,
-    # deploy/README-performance.md). Only when Steady starts Ray; the environment overrides it.
+    # README.md, "Performance"). Only when Steady starts Ray; the environment overrides it.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", CONTROL_LOOP_INTERVAL_S)
     import ray
 

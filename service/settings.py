@@ -46,7 +46,7 @@ class ServeSettings:
         replica_gpus: ``num_gpus`` of each replica (set with ``provider: cuda`` and onnxruntime-gpu).
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` parameters. The wait defaults to 0: a batch
             takes whatever queued while the previous one ran (natural batching under load), and a lone
-            request does not wait for company (it cost 4 ms at concurrency 1; deploy/README-performance.md).
+            request does not wait for company (it cost 4 ms at concurrency 1; README.md, "Performance").
         max_ongoing_requests: per replica, Ray Serve's concurrency cap (>= max_batch_size).
         max_queued_requests: Ray Serve's bounded queue in front of the replicas (503 beyond).
         max_inflight: Steady's own bound per replica; over it a request gets 503 + Retry-After.

@@ -4,7 +4,7 @@ Every hostile input, fuzz example and load request is recorded in :data:`TALLY` 
 had to get and what it got; at the end of the session pytest prints one summary table
 (``inputs tried / as expected / crashes / requests lost`` per area) and, when
 ``STEADY_RELIABILITY_SUMMARY`` names a file, writes it there as JSON. The numbers in
-``deploy/README-reliability.md`` come from that table.
+README.md ("Reliability") come from that table.
 
 The session's real Ray Serve service (the ``service`` fixture of ``tests/serving.py``) is shared;
 tests that must break a server (kill replicas, corrupt its repository) start their own
