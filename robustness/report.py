@@ -133,8 +133,7 @@ def plots(doc: dict[str, Any]) -> dict[str, str]:
         axes[0].set(title="accuracy vs object size", xlabel="object size (fraction of input side)", ylabel="top-1")
         axes[1].set(title="P(top-1 change), 1-px diagonal", xlabel="object size", ylabel="P(change)")
         axes[1].axhline(0.19, ls=":", c="grey", label="A&W embedded ~0.19")
-        for ax in axes:
-            ax.legend(fontsize=8)
+        _legends(axes)
         out["embed"] = _png(fig)
     if "pan" in pr or "scale" in pr:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -147,8 +146,7 @@ def plots(doc: dict[str, Any]) -> dict[str, str]:
         axes[0].set(title="flip probability along the shift sequence", xlabel="horizontal offset (px)",
                     ylabel="P(f(x_j) != f(x_j-1))")
         axes[1].set(title="flip probability along the zoom sequence", xlabel="zoom", ylabel="P(flip)")
-        for ax in axes:
-            ax.legend(fontsize=8)
+        _legends(axes)
         out["sequences"] = _png(fig)
     if "resolution" in pr:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -159,8 +157,7 @@ def plots(doc: dict[str, Any]) -> dict[str, str]:
             band(axes[1], xs, [r["p_change"] for r in rows], p)
         axes[0].set(title="FixRes sweep: accuracy", xlabel="test resolution", ylabel="top-1")
         axes[1].set(title="FixRes sweep: P(top-1 change)", xlabel="test resolution", ylabel="P(change)")
-        for ax in axes:
-            ax.legend(fontsize=8)
+        _legends(axes)
         out["resolution"] = _png(fig)
     return out
 
@@ -239,3 +236,10 @@ def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarr
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))
     return path
+
+
+def _legends(axes: Any) -> None:
+    """A legend on each axis that has labelled artists (unlabelled data, e.g. accuracy, draws none)."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
