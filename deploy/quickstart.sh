@@ -48,10 +48,11 @@ if [ "$POLICY" = deploy/gate.yaml ]; then
 else
     # a handful of unlabelled photos cannot judge a model (intervals of +-0.1): show the gate's
     # verdict, and if it fails promote anyway with --force, which stages.json records as forced
-    echo "== promote"
     if steady gate --repo "$REPO" "$MODEL" "$VERSION" --policy "$POLICY"; then
+        echo "== promote"
         steady promote --repo "$REPO" "$MODEL" "$VERSION" --reason "quickstart: gate passed"
     else
+        echo "== promote"
         echo "gate failed on $(ls "$REPO/.quickstart-photos" | wc -l) unlabelled photos: promoting with --force (recorded)"
         steady promote --repo "$REPO" "$MODEL" "$VERSION" --force \
             --reason "quickstart without ../shared/data: gate failed on a few unlabelled photos"
