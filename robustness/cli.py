@@ -27,7 +27,8 @@ def build_score_document(repo: Any, model: str, version: int, data: str, labels:
                          progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Any]:
     """Score a stored version and return the robustness.json document (and the dataset)."""
     from robustness.data import load_dataset
-    from robustness.scorer import ScoreOptions, aggregate, choose, iter_progress, run_local, run_ray, summary
+    from robustness.scorer import (ScoreOptions, aggregate, choose, iter_progress, run_local, run_ray, summary,
+                                   summary_ci95)
     from robustness.schema import SCHEMA_VERSION
     from service.card import steady_version
 
@@ -58,7 +59,7 @@ def build_score_document(repo: Any, model: str, version: int, data: str, labels:
         "accuracy": result["accuracy"],
         "protocols": result["protocols"],
         "summary": flat,
-        "summary_ci95": _summary_ci(result, chosen, card),
+        "summary_ci95": summary_ci95(result, chosen, card),
         "chosen": chosen,
         "most_flipping": result["most_flipping"],
         "timing": {"seconds": round(timing["seconds"], 3), "evaluations": int(timing["evaluations"]),
@@ -68,32 +69,6 @@ def build_score_document(repo: Any, model: str, version: int, data: str, labels:
         "steady_version": steady_version(),
     }
     return doc, dataset
-
-
-def _summary_ci(result: dict[str, Any], chosen: dict[str, Any], card: Any) -> dict[str, Any]:
-    """Intervals of the summary values (same keys), for the gate's printout."""
-    p = chosen["policy"]
-    pr = result["protocols"]
-    out: dict[str, Any] = {}
-    acc = result.get("accuracy", {}).get(p)
-    if acc:
-        a1, a5 = acc["top1"], acc["top5"]
-        if chosen["resolution"] != card.resolution and "resolution" in pr:
-            row = next(x for x in pr["resolution"][p]["resolutions"] if x["resolution"] == chosen["resolution"])
-            a1, a5 = row["accuracy"], row["top5"]
-        out["accuracy.top1"], out["accuracy.top5"] = a1, a5
-    for proto, keys in (("pan", ("p_change", "mac", "flip_probability")), ("scale", ("p_change", "flip_probability"))):
-        if proto in pr:
-            for k in keys:
-                out[f"{proto}.{k}"] = pr[proto][p][k]
-    if "embed" in pr:
-        for row in pr["embed"][p]["sizes"]:
-            out[f"embed@{row['size']:g}.p_change"] = row["p_change"]
-            if row["size"] == 0.5:
-                out["embed@0.5.accuracy"] = row["accuracy"]
-    if "consistency" in pr:
-        out["consistency"] = pr["consistency"][p]["consistency"]
-    return {k: (None if v is None else v["ci95"]) for k, v in out.items()}
 
 
 def _cmd_score(args: argparse.Namespace) -> int:

@@ -349,35 +349,45 @@ def choose(result: dict[str, Any], card: ModelCard, config: ProtocolConfig) -> d
             "baseline": {"policy": baseline_policy, "resolution": R}}
 
 
-def summary(result: dict[str, Any], chosen: dict[str, Any], card: ModelCard) -> dict[str, float]:
-    """The flat summary for the chosen policy (plain numbers; absent when a protocol was not run)."""
+def _summary_stats(result: dict[str, Any], chosen: dict[str, Any], card: ModelCard) -> dict[str, dict[str, Any]]:
+    """The summary keys of the chosen policy and resolution -> their ``{value, ci95, n}`` records."""
     p = chosen["policy"]
     r = chosen["resolution"]
     pr = result["protocols"]
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     acc = result.get("accuracy", {}).get(p)
     if acc:
         top1, top5 = acc["top1"], acc["top5"]
         if r != card.resolution and "resolution" in pr:
             row = next(x for x in pr["resolution"][p]["resolutions"] if x["resolution"] == r)
             top1, top5 = row["accuracy"], row["top5"]
-        out["accuracy.top1"] = _v(top1)  # type: ignore[assignment]
-        out["accuracy.top5"] = _v(top5)  # type: ignore[assignment]
+        out["accuracy.top1"] = top1
+        out["accuracy.top5"] = top5
     if "pan" in pr:
         for k in ("p_change", "mac", "flip_probability"):
-            out[f"pan.{k}"] = _v(pr["pan"][p][k])  # type: ignore[assignment]
+            out[f"pan.{k}"] = pr["pan"][p][k]
     if "scale" in pr:
         for k in ("p_change", "flip_probability"):
-            out[f"scale.{k}"] = _v(pr["scale"][p][k])  # type: ignore[assignment]
+            out[f"scale.{k}"] = pr["scale"][p][k]
     if "embed" in pr:
         for row in pr["embed"][p]["sizes"]:
             if row["size"] in (0.4, 0.5, 0.7):
-                out[f"embed@{row['size']:g}.p_change"] = _v(row["p_change"])  # type: ignore[assignment]
-            if row["size"] == 0.5 and row["accuracy"] is not None:
-                out["embed@0.5.accuracy"] = _v(row["accuracy"])  # type: ignore[assignment]
+                out[f"embed@{row['size']:g}.p_change"] = row["p_change"]
+            if row["size"] == 0.5:
+                out["embed@0.5.accuracy"] = row["accuracy"]
     if "consistency" in pr:
-        out["consistency"] = _v(pr["consistency"][p]["consistency"])  # type: ignore[assignment]
+        out["consistency"] = pr["consistency"][p]["consistency"]
     return {k: v for k, v in out.items() if v is not None}
+
+
+def summary(result: dict[str, Any], chosen: dict[str, Any], card: ModelCard) -> dict[str, float]:
+    """The flat summary for the chosen policy (plain numbers; absent when a protocol was not run)."""
+    return {k: float(v["value"]) for k, v in _summary_stats(result, chosen, card).items()}
+
+
+def summary_ci95(result: dict[str, Any], chosen: dict[str, Any], card: ModelCard) -> dict[str, Any]:
+    """The 95% intervals of the summary values (same keys), for the gate's printout."""
+    return {k: v["ci95"] for k, v in _summary_stats(result, chosen, card).items()}
 
 
 def run_local(onnx_bytes: bytes, card: ModelCard, dataset: Dataset, config: ProtocolConfig, seed: int,
