@@ -42,7 +42,7 @@ import numpy as np
 
 from service.errors import SteadyError
 
-__all__ = ["BenchOptions", "register", "bench_serve", "latency_summary", "format_report", "make_large_photos"]
+__all__ = ["BenchOptions", "register", "bench_serve", "latency_summary", "format_report", "make_large_photos", "descendants"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CEILING_BATCH_SIZES = (1, 4, 8, 16)
@@ -274,7 +274,7 @@ class ServiceProcess:
         raise SteadyError(f"steady serve not ready after {timeout:.0f} s: see {self.log_path}")
 
     def pids(self) -> list[int]:
-        return [self.proc.pid, *_descendants(self.proc.pid)]
+        return [self.proc.pid, *descendants(self.proc.pid)]
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc.poll() is None:
@@ -302,7 +302,8 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Every live descendant PID of ``pid`` (Linux /proc), children first."""
     children = _children_map()
     out, todo = [], [pid]
     while todo:

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from service.bench import descendants
 from tests.serving import ADMIN_TOKEN, free_port
 
 
@@ -123,25 +124,6 @@ class Subprocess:
 
     def descendants(self) -> list[int]:
         return descendants(self.proc.pid)
-
-
-def descendants(root: int) -> list[int]:
-    """Every live descendant PID of ``root`` (Linux /proc)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children[int(fields[1])].append(int(entry))
-    out, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
 
 
 def cmdline(pid: int) -> str:

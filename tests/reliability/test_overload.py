@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.conftest import TALLY, cmdline, descendants, rss_mb
+from service.bench import descendants
+from tests.reliability.conftest import TALLY, cmdline, rss_mb
 
 pytestmark = pytest.mark.e2e
 
