@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.preprocess import Preprocessor
-from service.repository import ModelRepository
-from service.runtime import Classifier, RuntimeOptions
+from service.core.preprocess import Preprocessor
+from service.core.repository import ModelRepository
+from service.core.runtime import Classifier, RuntimeOptions
 
 DEFAULT_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
@@ -64,7 +64,7 @@ def predict_accuracy(repo: Path, model: str, data: Path, labels: dict[str, int])
 def top1(classifier: Classifier, pre: Preprocessor, blobs: list[bytes], batch: int = 16) -> np.ndarray:
     preds = []
     for i in range(0, len(blobs), batch):
-        tensor = pre.to_tensor([pre.prepare(b).pixels for b in blobs[i:i + batch]])
+        tensor = pre.batch(blobs[i:i + batch])
         preds.append(classifier.logits(tensor).argmax(1))
     return np.concatenate(preds)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.card import ModelCard
-from service.cli import list_images
-from service.preprocess import Preprocessor
-from service.runtime import Classifier, RuntimeOptions
+from service.core.card import ModelCard
+from service.core.images import list_images
+from service.core.preprocess import Preprocessor
+from service.core.runtime import Classifier, RuntimeOptions
 
 
 def _load(folder: Path, provider: str) -> Classifier:
@@ -84,7 +84,7 @@ def main() -> None:
         for m in models:
             preds = []
             for i in range(0, len(files), 32):
-                batch = pre.to_tensor([pre.prepare(f.read_bytes()).pixels for f in files[i:i + 32]])
+                batch = pre.batch([f.read_bytes() for f in files[i:i + 32]])
                 preds.append(m.logits(batch).argmax(1))
             top1.append(np.concatenate(preds))
         report["top1_agreement_vs_first"] = {

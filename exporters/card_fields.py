@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from service.errors import CardError
+from service.core.errors import CardError
 
 from exporters.labels import read_labels_file
 

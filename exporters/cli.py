@@ -30,7 +30,7 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     from exporters.card_fields import parse_triple
     from exporters.sources import ExportOptions, export_source
@@ -55,7 +55,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``steady export`` to the ``steady`` parser."""
-    from service.card import INTERPOLATIONS
+    from service.core.card import INTERPOLATIONS
 
     p = sub.add_parser(
         "export",

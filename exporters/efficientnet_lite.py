@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.card import ModelCard, Source
-from service.errors import ExportError
+from service.core.card import ModelCard, Source
+from service.core.errors import ExportError
 
 from exporters.labels import imagenet_labels
 from exporters.weights import file_sha256, load_state_dict, map_by_position

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from service.errors import ExportError
+from service.core.errors import ExportError
 
 __all__ = ["IMAGENET_CLASSES", "IMAGENET_FILE", "imagenet_labels", "read_labels_file", "resolve_labels"]
 

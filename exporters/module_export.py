@@ -4,9 +4,10 @@ Every other PyTorch source (EfficientNet-Lite, torchvision, timm) builds a
 module and a card, then comes here.
 
 Example:
-    >>> from service.card import ModelCard
-    >>> from service.repository import ModelRepository
-    >>> card = ModelCard(name="my-net", labels=("cat", "dog"), train_resolution=224)  # doctest: +SKIP
+    >>> from service.core.card import ModelCard
+    >>> from service.core.repository import ModelRepository
+    >>> card = ModelCard(name="my-net", labels=("cat", "dog"), train_resolution=224,
+    ...                  mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4))  # doctest: +SKIP
     >>> final = export_module(net, card, ModelRepository("models"))                     # doctest: +SKIP
     >>> final.version, final.parity.max_abs_diff                                        # doctest: +SKIP
     (1, 4.3e-06)
@@ -17,8 +18,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Sequence
 
-from service.card import ModelCard
-from service.repository import ModelRepository, validate_name
+from service.core.card import ModelCard
+from service.core.repository import ModelRepository, validate_name
 
 from exporters.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, to_onnx
 from exporters.parity import DEFAULT_TOLERANCE, FP16_MIN_AGREEMENT, FP16_TOLERANCE, check_parity

@@ -15,7 +15,7 @@ import io
 import warnings
 from typing import TYPE_CHECKING
 
-from service.errors import ExportError
+from service.core.errors import ExportError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

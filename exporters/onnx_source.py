@@ -18,10 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from service.card import ModelCard, Source
-from service.errors import CardError, ExportError
-from service.preprocess import Preprocessor
-from service.repository import ModelRepository, sha256_bytes, validate_name
+from service.core.card import ModelCard, Source
+from service.core.errors import CardError, ExportError
+from service.core.preprocess import Preprocessor
+from service.core.repository import ModelRepository, sha256_bytes, validate_name
 
 from exporters.labels import resolve_labels
 from exporters.onnx_export import check_onnx
@@ -54,7 +54,7 @@ def smoke_test(onnx_bytes: bytes, card: ModelCard, resolutions: Sequence[int]) -
     Raises:
         ExportError: the model fails to run, returns the wrong shape, or non-finite logits.
     """
-    from service.runtime import Classifier, RuntimeOptions
+    from service.core.runtime import Classifier, RuntimeOptions
 
     try:
         items = photo_inputs()[:3] + generated_inputs()[:1]

@@ -1,6 +1,6 @@
 """Exports prove themselves: ONNX Runtime vs PyTorch on real photos and generated inputs.
 
-Inputs go through :class:`service.preprocess.Preprocessor` (the one
+Inputs go through :class:`service.core.preprocess.Preprocessor` (the one
 preprocessing implementation the service uses) at the native resolution and
 at 0.875x and 1.3x of it, because the robustness module feeds other sizes and
 padding frozen at trace time silently breaks them. An export passes only if
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image
 
-from service.card import ModelCard, Parity
-from service.errors import ExportError, ParityError
-from service.preprocess import Preprocessor
+from service.core.card import ModelCard, Parity
+from service.core.errors import ExportError, ParityError
+from service.core.preprocess import Preprocessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -143,7 +143,7 @@ def check_parity(
             with the numbers and where they occurred.
         ExportError: the model's output does not match the card's label count.
     """
-    from service.runtime import Classifier, RuntimeOptions
+    from service.core.runtime import Classifier, RuntimeOptions
 
     sizes = tuple(resolutions) if resolutions else parity_resolutions(card.resolution)
     items = list(inputs) if inputs is not None else parity_inputs()

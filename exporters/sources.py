@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.card import ModelCard
-from service.errors import ExportError
-from service.repository import ModelRepository, validate_name
+from service.core.card import ModelCard
+from service.core.errors import ExportError
+from service.core.repository import ModelRepository, validate_name
 
 from exporters.card_fields import merge_fields, read_card_file
 from exporters.labels import read_labels_file

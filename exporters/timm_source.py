@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Mapping
 
-from service.card import INTERPOLATIONS, ModelCard, Source
-from service.errors import ExportError
+from service.core.card import INTERPOLATIONS, ModelCard
+from service.core.errors import ExportError
 
-from exporters.labels import resolve_labels
-from exporters.weights import file_sha256, infer_num_classes, load_into, load_state_dict
+from exporters.weights import infer_num_classes, library_model, load_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -59,12 +58,4 @@ def build_timm(
     num_classes = infer_num_classes(state, key)
     model = probe if num_classes == probe.num_classes else timm.create_model(arch, pretrained=False,
                                                                              num_classes=num_classes)
-    load_into(model, state, f"timm:{arch} with {num_classes} classes")
-    model.eval()
-    card = ModelCard(
-        name=arch,
-        labels=resolve_labels(num_classes, labels_file),
-        source=Source(kind="timm", architecture=arch, weights_sha256=file_sha256(weights)),
-        **timm_defaults(cfg),
-    )
-    return model, card
+    return library_model(model, state, "timm", arch, num_classes, weights, labels_file, timm_defaults(cfg))

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from service.card import ModelCard, Source
-from service.errors import ExportError
+from service.core.card import ModelCard
+from service.core.errors import ExportError
 
-from exporters.labels import resolve_labels
-from exporters.weights import file_sha256, infer_num_classes, load_into, load_state_dict
+from exporters.weights import infer_num_classes, library_model, load_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -70,12 +69,4 @@ def build_torchvision(
     probe = torchvision.models.get_model(arch, weights=None)
     num_classes = infer_num_classes(state, _last_weight_key(probe))
     model = probe if num_classes == 1000 else torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    load_into(model, state, f"torchvision:{arch} with {num_classes} classes")
-    model.eval()
-    card = ModelCard(
-        name=arch,
-        labels=resolve_labels(num_classes, labels_file),
-        source=Source(kind="torchvision", architecture=arch, weights_sha256=file_sha256(weights)),
-        **torchvision_defaults(arch),
-    )
-    return model, card
+    return library_model(model, state, "torchvision", arch, num_classes, weights, labels_file, torchvision_defaults(arch))

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from service.errors import ExportError
-from service.repository import sha256_file
+from service.core.errors import ExportError
+from service.core.repository import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
+
+    from service.core.card import ModelCard
 
 __all__ = ["SKIPPED_SUFFIXES", "file_sha256", "load_state_dict", "map_by_position", "infer_num_classes", "load_into"]
 
@@ -124,3 +126,22 @@ def load_into(module: "nn.Module", state: Mapping[str, "torch.Tensor"], what: st
     except RuntimeError as exc:
         text = str(exc)
         raise ExportError(f"weights do not fit {what}: {text[:600]}{'...' if len(text) > 600 else ''}") from exc
+
+
+def library_model(model: "nn.Module", state: Mapping[str, "torch.Tensor"], kind: str, arch: str, num_classes: int,
+                  weights: str | os.PathLike[str], labels_file: str | os.PathLike[str] | None,
+                  defaults: Mapping[str, Any]) -> tuple["nn.Module", "ModelCard"]:
+    """Load ``state`` into a library architecture (``torchvision`` or ``timm``) and card it with the library's
+    own preprocessing ``defaults``; returns the model in eval mode and its card."""
+    from exporters.labels import resolve_labels
+    from service.core.card import ModelCard, Source
+
+    load_into(model, state, f"{kind}:{arch} with {num_classes} classes")
+    model.eval()
+    card = ModelCard(
+        name=arch,
+        labels=resolve_labels(num_classes, labels_file),
+        source=Source(kind=kind, architecture=arch, weights_sha256=file_sha256(weights)),
+        **defaults,
+    )
+    return model, card

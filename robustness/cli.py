@@ -1,14 +1,15 @@
-"""Sub-commands of this package: ``score``, ``gate``, ``promote``, ``rollback``, ``bench score``."""
+"""Sub-commands of this package: ``score``, ``gate``, ``promote``, ``rollback``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "build_score_document", "bench_subparsers"]
+from service.cli.args import add_model_args
+
+__all__ = ["register"]
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -22,61 +23,13 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
-def build_score_document(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
-                         seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
-                         progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Any]:
-    """Score a stored version and return the robustness.json document (and the dataset)."""
-    from robustness.data import load_dataset
-    from robustness.scorer import (ScoreOptions, aggregate, choose, iter_progress, run_local, run_ray, summary,
-                                   summary_ci95)
-    from robustness.schema import SCHEMA_VERSION
-    from service.card import steady_version
-
-    loaded = repo.load(model, version)
-    card = loaded.card
-    dataset = load_dataset(data, labels, max_images)
-    options = ScoreOptions(batch_size=batch_size)
-    with iter_progress(len(dataset.items), progress) as bar:
-        if workers > 0 or ray_address:
-            records, timing = run_ray(loaded.onnx_bytes, card, dataset, config, seed, options, max(workers, 1),
-                                      ray_address, bar.update)
-        else:
-            records, timing = run_local(loaded.onnx_bytes, card, dataset, config, seed, options, bar.update)
-    result = aggregate(records, card, config, seed, dataset.labelled)
-    chosen = choose(result, card, config)
-    flat = summary(result, chosen, card)
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "model": model,
-        "version": version,
-        "model_sha256": loaded.sha256,
-        "card": {"train_resolution": card.train_resolution, "test_resolution": card.resolution,
-                 "crop_pct": card.crop_pct, "interpolation": card.interpolation, "policy": card.policy},
-        "data": {"path": str(Path(data).resolve()), "fingerprint": dataset.fingerprint,
-                 "images": len(dataset.items), "labelled": dataset.labelled},
-        "seed": seed,
-        "config": config.to_dict(),
-        "accuracy": result["accuracy"],
-        "protocols": result["protocols"],
-        "summary": flat,
-        "summary_ci95": summary_ci95(result, chosen, card),
-        "chosen": chosen,
-        "most_flipping": result["most_flipping"],
-        "timing": {"seconds": round(timing["seconds"], 3), "evaluations": int(timing["evaluations"]),
-                   "evaluations_per_s": round(timing["evaluations"] / max(timing["seconds"], 1e-9), 2),
-                   "workers": workers or None, "ray_address": ray_address},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "steady_version": steady_version(),
-    }
-    return doc, dataset
-
-
 def _cmd_score(args: argparse.Namespace) -> int:
+    from robustness.document import score_version
     from robustness.protocols import ProtocolConfig
     from robustness.report import terminal_table, write_html
     from robustness.scorer import thumbnails
-    from service.errors import ScoreError
-    from service.repository import ModelRepository, atomic_write_json
+    from service.core.errors import ScoreError
+    from service.core.repository import ModelRepository, atomic_write_json
 
     if args.workers and args.ray_address:
         raise ScoreError("use --workers N or --ray-address ADDR, not both")
@@ -102,7 +55,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ScoreError(str(exc)) from exc
     repo = ModelRepository(args.repo)
     version = repo.resolve(args.model, args.version)
-    doc, dataset = build_score_document(repo, args.model, version, args.data, args.labels, config, args.seed,
+    doc, dataset = score_version(repo, args.model, version, args.data, args.labels, config, args.seed,
                                         args.max_images, args.workers, args.ray_address,
                                         progress=not args.no_progress, batch_size=args.batch_size)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
@@ -110,7 +63,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "robustness.json", doc)
-        thumbs = thumbnails(dataset.root, [r["file"] for r in doc["most_flipping"]])
+        thumbs = thumbnails(dataset.root, [r["file"] for r in doc["most_flipping"]], repo.card(args.model, version))
         write_html(doc, out / "report.html", thumbs)
     if args.json:
         print(json.dumps(doc))
@@ -123,7 +76,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_gate(args: argparse.Namespace) -> int:
     from robustness.gate import run_gate
-    from service.repository import ModelRepository, parse_version
+    from service.core.repository import ModelRepository, parse_version
 
     repo = ModelRepository(args.repo)
     decision, out = run_gate(repo, args.model, parse_version(args.version), args.policy)
@@ -143,8 +96,8 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     from robustness.promote import promote
-    from service.errors import PromotionRefused
-    from service.repository import ModelRepository, parse_version
+    from service.core.errors import PromotionRefused
+    from service.core.repository import ModelRepository, parse_version
 
     if args.force and not args.reason:
         raise PromotionRefused("--force needs --reason TEXT")
@@ -158,68 +111,20 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from robustness.promote import rollback
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     stages = rollback(ModelRepository(args.repo), args.model, args.reason)
     print(json.dumps({"model": args.model, "production": stages.production, "candidate": stages.candidate}))
     return 0
 
 
-def _cmd_bench_score(args: argparse.Namespace) -> int:
-    from robustness.bench import bench_score
-    from service.repository import ModelRepository
-
-    repo = ModelRepository(args.repo)
-    version = repo.resolve(args.model, args.version)
-    out = bench_score(repo, args.model, version, args.data, max_images=args.max_images, batch_size=args.batch_size,
-                      policies=_csv(args.policies), raw_seconds=args.raw_seconds)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:<26}{v}")
-    return 0
-
-
-def bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-parsers of ``steady bench``, created on first use, so packages can add benchmarks beside
-    ``score`` (e.g. ``bench_subparsers(sub).add_parser("serve", ...)``) in any registration order."""
-    bench = sub.choices.get("bench")
-    if bench is None:
-        bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-        bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
-    bench_sub = getattr(bench, "_steady_sub", None)
-    if bench_sub is None:
-        bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
-        bench._steady_sub = bench_sub  # type: ignore[attr-defined]
-    return bench_sub
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    bench_sub = bench_subparsers(sub)
-    p = bench_sub.add_parser("score", help="scorer throughput vs raw ONNX Runtime",
-                             description="Scorer model-evaluations/s vs raw ONNX Runtime at the same batch size.")
-    p.add_argument("--repo", required=True, help="model repository folder")
-    p.add_argument("model", help="model name")
-    p.add_argument("--version", help="version (default: production, else the newest)")
-    p.add_argument("--data", required=True, help="folder of images")
-    p.add_argument("--max-images", type=int, default=16, help="images to score (default 16)")
-    p.add_argument("--batch-size", type=int, default=32, help="ONNX Runtime batch size (default 32)")
-    p.add_argument("--policies", default="center,object", help="policies (default center,object)")
-    p.add_argument("--raw-seconds", type=float, default=3.0, help="seconds per raw ORT measurement (default 3)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_bench_score)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ``steady`` parser."""
     p = sub.add_parser("score", help="score shift/scale robustness of a model version",
                        description="Score a stored model version for flips under 1-px shifts and rescalings "
-                                   "(REFERENCE section 2 metrics), choose its serving policy and resolution, "
+                                   "(Azulay & Weiss P(top-1 change) and MAC, ImageNet-P flip probability, Zhang consistency), choose its serving policy and resolution, "
                                    "write <repo>/<model>/<version>/robustness.json.")
-    p.add_argument("--repo", required=True, help="model repository folder")
-    p.add_argument("model", help="model name")
-    p.add_argument("--version", help="version (default: production, else the newest)")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="folder of images (ImageNet-style class folders give labels)")
     p.add_argument("--labels", help="CSV with columns file,class_index")
     p.add_argument("--out", help="also write robustness.json and a self-contained report.html here")
@@ -243,18 +148,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gate", help="decide whether a scored version may be promoted",
                        description="Apply a gate policy YAML to a version's robustness.json; write gate.json. "
                                    "Exit 0 pass, 1 fail, 2 error (missing/stale scores, bad policy).")
-    p.add_argument("--repo", required=True, help="model repository folder")
-    p.add_argument("model", help="model name")
-    p.add_argument("version", help="version")
+    add_model_args(p, "positional")
     p.add_argument("--policy", required=True, help="gate policy YAML (sections max, min, regression)")
     p.add_argument("--json", action="store_true", help="print gate.json")
     p.set_defaults(func=_cmd_gate)
 
     p = sub.add_parser("promote", help="point a stage at a version whose gate passed",
                        description="Promote a version; refused unless its gate.json passed for its exact sha256.")
-    p.add_argument("--repo", required=True, help="model repository folder")
-    p.add_argument("model", help="model name")
-    p.add_argument("version", help="version")
+    add_model_args(p, "positional")
     p.add_argument("--stage", choices=("production", "candidate"), default="production", help="stage")
     p.add_argument("--force", action="store_true", help="promote without a passing gate (needs --reason)")
     p.add_argument("--reason", help="why (recorded in the stages history)")
@@ -262,9 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("rollback", help="restore the previous production version",
                        description="Restore the production version that preceded the current one.")
-    p.add_argument("--repo", required=True, help="model repository folder")
-    p.add_argument("model", help="model name")
+    add_model_args(p, "none")
     p.add_argument("--reason", default="rollback", help="recorded in the stages history")
     p.set_defaults(func=_cmd_rollback)
 
-    _add_bench(sub)

@@ -13,8 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.cli import IMAGE_SUFFIXES
-from service.errors import ScoreError
+from service.core.images import is_image_file
+from service.core.errors import ScoreError
 
 __all__ = ["Item", "Dataset", "load_dataset"]
 
@@ -65,7 +65,7 @@ def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_ima
     root = Path(root)
     if not root.is_dir():
         raise ScoreError(f"data folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if is_image_file(p))
     if max_images is not None:
         if max_images < 1:
             raise ScoreError(f"--max-images must be >= 1, got {max_images}")

@@ -18,20 +18,19 @@ better (accuracy, consistency) it is an allowed decrease, written as a negative 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from service.errors import GateError
+from service.core.errors import GateError
 
 __all__ = ["SECTIONS", "HIGHER_IS_BETTER", "GatePolicy", "Rule", "Decision", "parse_policy", "load_policy",
-           "decide", "run_gate", "SCHEMA_VERSION"]
+           "decide", "run_gate", "GATE_SCHEMA_VERSION"]
 
 SECTIONS = ("max", "min", "regression")
-SCHEMA_VERSION = 1
+GATE_SCHEMA_VERSION = 1
 _EPS = 1e-9  # float noise in differences like 0.85 - 0.86
 HIGHER_IS_BETTER_PREFIXES = ("accuracy.", "consistency")
 HIGHER_IS_BETTER = "accuracy.*, embed@*.accuracy, consistency"
@@ -170,27 +169,28 @@ def _now() -> str:
 
 
 def read_scores(repo: Any, model: str, version: int, sha256: str) -> dict[str, Any]:
-    """The version's robustness.json, refusing a missing or stale one (GateError)."""
-    path = repo.version_dir(model, version) / "robustness.json"
-    if not path.exists():
-        raise GateError(f"{model}/{version} has no robustness.json: run `steady score` first")
+    """The version's robustness.json, refusing a missing, stale or malformed one (GateError)."""
+    from service.core.errors import BoundFileError, BoundFileMissing, BoundFileStale
+    from service.core.repository import read_bound_json
+
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise GateError(f"{path} is unreadable: {exc}") from exc
-    if doc.get("model_sha256") != sha256:
-        raise GateError(f"{path} is stale: scored model sha256 {str(doc.get('model_sha256'))[:12]} is not "
-                        f"{model}/{version}'s {sha256[:12]}; score again")
+        doc = read_bound_json(repo.version_dir(model, version), "robustness.json", sha256)
+    except BoundFileMissing as exc:
+        raise GateError(f"{model}/{version} has no robustness.json: run `steady score` first") from exc
+    except BoundFileStale as exc:
+        raise GateError(f"{exc}; score again") from exc
+    except BoundFileError as exc:
+        raise GateError(str(exc)) from exc
     if not isinstance(doc.get("summary"), dict):
-        raise GateError(f"{path} has no summary")
+        raise GateError(f"robustness.json of {model}/{version} has no summary object")
     return doc
 
 
 def run_gate(repo: Any, model: str, version: int, policy_path: str | Path) -> tuple[Decision, dict[str, Any]]:
     """Read scores and policy, decide, write gate.json; returns the decision and the gate.json content."""
     from robustness.schema import SUMMARY_KEYS
-    from service.errors import SteadyError
-    from service.repository import atomic_write_json
+    from service.core.errors import SteadyError
+    from service.core.repository import atomic_write_json
 
     try:
         sha = repo.verify(model, version)
@@ -208,7 +208,7 @@ def run_gate(repo: Any, model: str, version: int, policy_path: str | Path) -> tu
     decision = decide(doc["summary"], policy, production)
     intervals = doc.get("summary_ci95", {})
     out = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": GATE_SCHEMA_VERSION,
         "model": model,
         "version": version,
         "decision": decision.decision,

@@ -8,11 +8,10 @@ in the stages history as ``forced``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from service.errors import PromotionRefused, SteadyError
-from service.repository import ModelRepository, Stages
+from service.core.errors import BoundFileError, BoundFileMissing, PromotionRefused, SteadyError
+from service.core.repository import ModelRepository, Stages, read_bound_json
 
 __all__ = ["gate_check", "promote", "rollback"]
 
@@ -25,21 +24,18 @@ def gate_check(repo: ModelRepository, model: str) -> Any:
             sha = repo.verify(model, version)
         except SteadyError as exc:
             raise PromotionRefused(f"refusing {model}/{version}: model files do not verify: {exc}") from exc
-        path = repo.version_dir(model, version) / "gate.json"
-        if not path.exists():
-            raise PromotionRefused(f"refusing {model}/{version}: no gate.json (run `steady gate`), "
-                                   "or use --force --reason")
         try:
-            gate = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise PromotionRefused(f"refusing {model}/{version}: gate.json unreadable: {exc}") from exc
-        if gate.get("model_sha256") != sha:
-            raise PromotionRefused(f"refusing {model}/{version}: gate.json was decided for another model "
-                                   f"(sha256 {str(gate.get('model_sha256'))[:12]}, this is {sha[:12]})")
+            gate = read_bound_json(repo.version_dir(model, version), "gate.json", sha)
+        except BoundFileMissing as exc:
+            raise PromotionRefused(f"refusing {model}/{version}: no gate.json (run `steady gate`), "
+                                   "or use --force --reason") from exc
+        except BoundFileError as exc:
+            raise PromotionRefused(f"refusing {model}/{version}: {exc}") from exc
         if gate.get("decision") != "pass":
-            reasons = "; ".join(gate.get("reasons") or []) or "no reasons recorded"
+            reasons = gate.get("reasons")
+            text = "; ".join(str(r) for r in reasons) if isinstance(reasons, list) and reasons else "no reasons recorded"
             raise PromotionRefused(f"refusing {model}/{version}: gate decision is "
-                                   f"{gate.get('decision')!r}: {reasons}")
+                                   f"{gate.get('decision')!r}: {text}")
 
     return check
 

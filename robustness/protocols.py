@@ -1,7 +1,7 @@
 """The protocols: which views of one image to evaluate, and how to reduce their predictions.
 
-Every view is a :class:`~service.preprocess.Box` resampled by
-:func:`service.preprocess.render` (the one preprocessing implementation), either of the
+Every view is a :class:`~service.core.boxes.Box` resampled by
+:func:`service.core.boxes.render` (the one preprocessing implementation), either of the
 decoded photo or of an embed canvas. Shifts are whole *output* pixels of the view
 (``shift_box``); zooms use ``zoom_box``.
 
@@ -27,9 +27,9 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from service.card import ModelCard
-from service.localize import object_box
-from service.preprocess import Box, center_box, render, shift_box, zoom_box
+from service.core.card import ModelCard
+from service.core.localize import object_box
+from service.core.boxes import Box, center_box, render, shift_box, zoom_box
 
 __all__ = ["PROTOCOLS", "POLICIES", "ProtocolConfig", "ViewSpec", "ImagePlan", "plan_image"]
 
@@ -130,7 +130,7 @@ def plan_image(
 
     The reducers fill a record ``{policy: {metric_key: [sum, count]}, "curves": ..., "flips": ...}``.
     """
-    from robustness import metrics
+    from robustness import measures
 
     plan = ImagePlan()
     R = card.resolution
@@ -170,8 +170,8 @@ def plan_image(
             row = probs[base[p]][None]
             out[p] = {"top1_class": int(np.argmax(row[0]))}
             if labels is not None:
-                out[p]["accuracy.top1"] = list(metrics.top_k_hits(row, labels, 1))
-                out[p]["accuracy.top5"] = list(metrics.top_k_hits(row, labels, 5))
+                out[p]["accuracy.top1"] = list(measures.top_k_hits(row, labels, 1))
+                out[p]["accuracy.top5"] = list(measures.top_k_hits(row, labels, 5))
         return out
 
     plan.reducers.append(reduce_base)
@@ -187,11 +187,11 @@ def plan_image(
                 a = np.stack([probs[diag[p][o]] for o in cfg.pan_offsets])
                 b = np.stack([probs[diag[p][o + 1]] for o in cfg.pan_offsets])
                 seq = np.array([int(np.argmax(probs[k])) for k in trans[p]])
-                flips = metrics.flips_along(seq)
+                flips = measures.flips_along(seq)
                 out[p] = {
-                    "pan.p_change": list(metrics.p_change(a.argmax(1), b.argmax(1))),
-                    "pan.mac": list(metrics.mac(a, b)),
-                    "pan.flip_probability": list(metrics.flip_probability(seq)),
+                    "pan.p_change": list(measures.p_change(a.argmax(1), b.argmax(1))),
+                    "pan.mac": list(measures.mac(a, b)),
+                    "pan.flip_probability": list(measures.flip_probability(seq)),
                     "curve.translate": flips.tolist(),
                     "flips": int(flips.sum() + (a.argmax(1) != b.argmax(1)).sum()),
                 }
@@ -210,10 +210,10 @@ def plan_image(
             out: dict[str, Any] = {}
             for p in policies:
                 seq = np.array([int(np.argmax(probs[k])) for k in zviews[p]])
-                flips = metrics.flips_along(seq)
+                flips = measures.flips_along(seq)
                 out[p] = {
-                    "scale.p_change": list(metrics.p_change(seq[[i100, i100]], seq[[i95, i105]])),
-                    "scale.flip_probability": list(metrics.flip_probability(seq)),
+                    "scale.p_change": list(measures.p_change(seq[[i100, i100]], seq[[i95, i105]])),
+                    "scale.flip_probability": list(measures.flip_probability(seq)),
                     "curve.zoom": flips.tolist(),
                     "flips": int(flips.sum()),
                 }
@@ -254,10 +254,10 @@ def plan_image(
                 for size, pairs in emb[p].items():
                     a = np.stack([probs[k0] for k0, _ in pairs])
                     b = np.stack([probs[k1] for _, k1 in pairs])
-                    rec[f"embed@{size:g}.p_change"] = list(metrics.p_change(a.argmax(1), b.argmax(1)))
+                    rec[f"embed@{size:g}.p_change"] = list(measures.p_change(a.argmax(1), b.argmax(1)))
                     if labels is not None:
                         rec[f"embed@{size:g}.accuracy"] = list(
-                            metrics.top_k_hits(np.concatenate([a, b]), np.repeat(labels, 2 * len(a)), 1))
+                            measures.top_k_hits(np.concatenate([a, b]), np.repeat(labels, 2 * len(a)), 1))
                 out[p] = rec
             return out
 
@@ -278,7 +278,7 @@ def plan_image(
             for p in policies:
                 a = [int(np.argmax(probs[k1])) for k1, _ in cons[p]]
                 b = [int(np.argmax(probs[k2])) for _, k2 in cons[p]]
-                out[p] = {"consistency": list(metrics.consistency(a, b))}
+                out[p] = {"consistency": list(measures.consistency(a, b))}
             return out
 
         plan.reducers.append(reduce_cons)
@@ -294,10 +294,10 @@ def plan_image(
                 rec: dict[str, Any] = {}
                 for r, (k0, k1) in rviews[p].items():
                     a, b = probs[k0][None], probs[k1][None]
-                    rec[f"resolution@{r}.p_change"] = list(metrics.p_change(a.argmax(1), b.argmax(1)))
+                    rec[f"resolution@{r}.p_change"] = list(measures.p_change(a.argmax(1), b.argmax(1)))
                     if labels is not None:
-                        rec[f"resolution@{r}.accuracy"] = list(metrics.top_k_hits(a, labels, 1))
-                        rec[f"resolution@{r}.top5"] = list(metrics.top_k_hits(a, labels, 5))
+                        rec[f"resolution@{r}.accuracy"] = list(measures.top_k_hits(a, labels, 1))
+                        rec[f"resolution@{r}.top5"] = list(measures.top_k_hits(a, labels, 5))
                 out[p] = rec
             return out
 

@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = ["ANCHORS", "terminal_table", "write_html"]
 
-# REFERENCE section 2, published anchors (ImageNet validation).
+# Published anchors (ImageNet validation): the papers' own tables, quoted in each row.
 ANCHORS: list[tuple[str, str, str, str]] = [
     ("pan.p_change", "P(top-1 change), crop protocol", "0.061-0.068", "Azulay & Weiss Table 1: ResNet50 0.061, VGG16 0.062, DenseNet121 0.068"),
     ("pan.mac", "MAC, crop protocol", "0.038-0.045", "Azulay & Weiss"),
@@ -123,13 +123,18 @@ def plots(doc: dict[str, Any]) -> dict[str, str]:
         ax.plot(x, [p[1]["value"] for p in pts], marker="o", label=label)
         ax.fill_between(x, [p[1]["ci95"][0] for p in pts], [p[1]["ci95"][1] for p in pts], alpha=0.2)
 
-    if "embed" in pr:
+    def accuracy_and_flips(rows_of: Any, x_key: str) -> Any:
+        """Two panels, top-1 and P(change) against ``x_key``, one band per policy."""
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for p in policies:
-            sizes = pr["embed"][p]["sizes"]
-            xs = [s["size"] for s in sizes]
-            band(axes[0], xs, [s["accuracy"] for s in sizes], p)
-            band(axes[1], xs, [s["p_change"] for s in sizes], p)
+            rows = rows_of(p)
+            xs = [r[x_key] for r in rows]
+            band(axes[0], xs, [r["accuracy"] for r in rows], p)
+            band(axes[1], xs, [r["p_change"] for r in rows], p)
+        return fig, axes
+
+    if "embed" in pr:
+        fig, axes = accuracy_and_flips(lambda p: pr["embed"][p]["sizes"], "size")
         axes[0].set(title="accuracy vs object size", xlabel="object size (fraction of input side)", ylabel="top-1")
         axes[1].set(title="P(top-1 change), 1-px diagonal", xlabel="object size", ylabel="P(change)")
         axes[1].axhline(0.19, ls=":", c="grey", label="A&W embedded ~0.19")
@@ -149,12 +154,7 @@ def plots(doc: dict[str, Any]) -> dict[str, str]:
         _legends(axes)
         out["sequences"] = _png(fig)
     if "resolution" in pr:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for p in policies:
-            rows = pr["resolution"][p]["resolutions"]
-            xs = [r["resolution"] for r in rows]
-            band(axes[0], xs, [r["accuracy"] for r in rows], p)
-            band(axes[1], xs, [r["p_change"] for r in rows], p)
+        fig, axes = accuracy_and_flips(lambda p: pr["resolution"][p]["resolutions"], "resolution")
         axes[0].set(title="FixRes sweep: accuracy", xlabel="test resolution", ylabel="top-1")
         axes[1].set(title="FixRes sweep: P(top-1 change)", xlabel="test resolution", ylabel="P(change)")
         _legends(axes)
@@ -200,7 +200,7 @@ def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarr
                      + verdict + "</tr>")
     parts.append("</table><p><small>'object vs center' says helps/hurts only when the 95% intervals do not "
                  "overlap; otherwise 'no clear difference'.</small></p>")
-    parts.append("<h2>Comparison with published anchors (REFERENCE section 2)</h2><table><tr><th>metric</th>"
+    parts.append("<h2>Comparison with published anchors (ImageNet validation)</h2><table><tr><th>metric</th>"
                  "<th>published</th><th>source</th>" + "".join(f"<th>{e(p)}</th>" for p in policies) + "</tr>")
     rows = dict(_rows(doc))
     for key, what, value, source in ANCHORS:

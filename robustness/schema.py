@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["SCHEMA_VERSION", "SUMMARY_KEYS", "validate"]
+__all__ = ["ROBUSTNESS_SCHEMA_VERSION", "SUMMARY_KEYS", "validate"]
 
-SCHEMA_VERSION = 1
+ROBUSTNESS_SCHEMA_VERSION = 1
 SUMMARY_KEYS: tuple[str, ...] = (
     "accuracy.top1", "accuracy.top5", "pan.p_change", "pan.mac", "pan.flip_probability",
     "scale.p_change", "scale.flip_probability", "embed@0.4.p_change", "embed@0.5.p_change",
@@ -21,8 +21,8 @@ def validate(doc: Mapping[str, Any]) -> None:
     missing = [k for k in _TOP if k not in doc]
     if missing:
         raise ValueError(f"robustness.json lacks {missing}")
-    if doc["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"robustness.json schema_version {doc['schema_version']} is not {SCHEMA_VERSION}")
+    if doc["schema_version"] != ROBUSTNESS_SCHEMA_VERSION:
+        raise ValueError(f"robustness.json schema_version {doc['schema_version']} is not {ROBUSTNESS_SCHEMA_VERSION}")
     for key, value in doc["summary"].items():
         if key not in SUMMARY_KEYS or not isinstance(value, (int, float)):
             raise ValueError(f"summary entry {key!r}: {value!r} is not a known key with a plain number")

@@ -18,9 +18,10 @@ import numpy as np
 from robustness.data import Dataset, Item
 from robustness.protocols import ImagePlan, ProtocolConfig, plan_image
 from robustness.stats import Estimate, ratio_estimate
-from service.card import ModelCard
-from service.preprocess import Preprocessor, normalise, render
-from service.runtime import Classifier, RuntimeOptions, softmax
+from service.core.card import ModelCard
+from service.core.boxes import render
+from service.core.preprocess import Preprocessor, normalise
+from service.core.runtime import Classifier, RuntimeOptions, softmax
 
 __all__ = ["ScoreOptions", "score_items", "aggregate", "choose", "CHOICE_RULE"]
 
@@ -451,12 +452,13 @@ def iter_progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", file=sys.stderr, disable=not enabled, desc="scoring", leave=False)
 
 
-def thumbnails(dataset_root: Path, files: Iterable[str], side: int = 96) -> dict[str, np.ndarray]:
+def thumbnails(dataset_root: Path, files: Iterable[str], card: ModelCard, side: int = 96) -> dict[str, np.ndarray]:
     """Small previews for the report: the centre square of each image, through the same renderer."""
-    from service.preprocess import center_box, decode
+    from service.core.boxes import center_box
+    from service.core.preprocess import decode
 
     out = {}
     for f in files:
-        img = decode((dataset_root / f).read_bytes(), min_short_side=side)
-        out[f] = render(img, center_box(img.size[0], img.size[1], side, 1.0), side, "bilinear")
+        img = decode((dataset_root / f).read_bytes(), background=card.mean, min_short_side=side)
+        out[f] = render(img, center_box(img.size[0], img.size[1], side, 1.0), side, "bilinear", card.mean)
     return out

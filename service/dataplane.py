@@ -1,4 +1,4 @@
-"""The data plane: served versions, validation, version routing, side traffic. No Ray, no HTTP.
+"""The data plane: validation, version routing and side traffic over the served catalog. No Ray, no HTTP.
 
 Routes decode HTTP and call :class:`DataPlane`; the data plane validates, picks the
 version (production, a canary draw of the candidate, or the one asked for), runs the
@@ -20,28 +20,21 @@ import logging
 import random
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from service.card import ModelCard
-from service.errors import (
-    ImageTooLarge,
-    InvalidInput,
-    ModelNotFound,
-    Overloaded,
-    SteadyError,
-    VersionNotFound,
-)
-from service.metrics import Metrics
-from service.preprocess import Preprocessor, shift_box, to_original, zoom_box
-from service.repository import ModelRepository, parse_version, read_json, validate_name
-from service.runtime import Classifier, RuntimeOptions, softmax
-from service.settings import ServeSettings
 from service import v2
+from service.catalog import Catalog, CatalogLoader, ServedVersion
+from service.core.boxes import shift_box, zoom_box
+from service.core.errors import ImageTooLarge, InvalidInput, Overloaded, VersionNotFound
+from service.core.preprocess import Prepared, to_original
+from service.core.repository import ModelRepository, parse_version, validate_name
+from service.core.runtime import softmax
+from service.metrics import Metrics
+from service.settings import ServeSettings
 
-__all__ = ["ServedVersion", "Catalog", "DataPlane", "InferFn", "load_version", "read_robustness"]
+__all__ = ["DataPlane", "InferFn", "MAX_V2_BATCH"]
 
 log = logging.getLogger(__name__)
 
@@ -49,106 +42,6 @@ InferFn = Callable[["ServedVersion", np.ndarray], Awaitable[np.ndarray]]
 """(served version, one (3, H, W) float32 tensor) -> (num_classes,) float32 logits."""
 
 MAX_V2_BATCH = 64
-
-
-@dataclass(frozen=True)
-class ServedVersion:
-    """One loaded, verified and warmed-up model version."""
-
-    model: str
-    version: int
-    stage: str
-    card: ModelCard
-    sha256: str
-    classifier: Classifier = field(repr=False, compare=False)
-    pre: Preprocessor = field(repr=False, compare=False)
-    robustness: dict[str, Any] | None = None
-    chosen: dict[str, Any] | None = None
-
-    @property
-    def policy(self) -> str:
-        return self.pre.policy
-
-    @property
-    def resolution(self) -> int:
-        return self.pre.resolution
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "stage": self.stage,
-            "sha256": self.sha256,
-            "policy": self.policy,
-            "resolution": self.resolution,
-            "num_classes": self.card.num_classes,
-            "robustness": self.robustness,
-            "chosen": self.chosen,
-        }
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """An immutable snapshot of what is served: swapped whole on reload."""
-
-    models: Mapping[str, Mapping[str, ServedVersion]]  # model -> stage -> served
-
-    def get(self, model: str) -> Mapping[str, ServedVersion]:
-        entry = self.models.get(model)
-        if not entry or "production" not in entry:
-            raise ModelNotFound(f"model {model!r} is not served")
-        return entry
-
-    def all(self) -> list[ServedVersion]:
-        return [sv for stages in self.models.values() for sv in stages.values()]
-
-
-def read_robustness(path: Any, sha256: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(summary, chosen) from ``robustness.json`` when it exists and is bound to ``sha256``."""
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return None, None
-    if not isinstance(data, dict) or data.get("model_sha256") != sha256:
-        log.warning("ignoring %s: not bound to model sha256 %s", path, sha256[:12])
-        return None, None
-    summary = data.get("summary") if isinstance(data.get("summary"), dict) else None
-    chosen = data.get("chosen") if isinstance(data.get("chosen"), dict) else None
-    return summary, chosen
-
-
-def load_version(repo: ModelRepository, model: str, version: int, stage: str, settings: ServeSettings) -> ServedVersion:
-    """Load (checksum-verified), build the preprocessing and warm up at every batch size. Blocking."""
-    loaded = repo.load(model, version)
-    card = loaded.card
-    summary, chosen = read_robustness(loaded.path / "robustness.json", loaded.sha256)
-    policy, resolution = card.policy, card.resolution
-    if chosen:
-        if chosen.get("policy") in ("center", "object"):
-            policy = chosen["policy"]
-        if isinstance(chosen.get("resolution"), int) and chosen["resolution"] >= 8:
-            resolution = chosen["resolution"]
-    classifier = Classifier(
-        loaded.onnx_bytes, card,
-        RuntimeOptions(provider=settings.provider, intra_op_threads=settings.ort_threads, inter_op_threads=1,
-                       allow_spinning=settings.ort_spinning),
-    )
-    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels)
-    for size in settings.batch_sizes_to_warm:
-        warm = np.zeros((size, 3, resolution, resolution), dtype=np.float32)
-        logits = classifier.logits(warm)
-        if logits.shape != (size, card.num_classes) or not np.all(np.isfinite(logits)):
-            raise SteadyError(f"{model}/{version} failed warm-up at batch {size}: logits {logits.shape}")
-    return ServedVersion(model, version, stage, card, loaded.sha256, classifier, pre, summary, chosen)
-
-
-@dataclass
-class _Prepared:
-    tensor: np.ndarray  # (3, R, R) float32
-    image: Any  # decoded PIL image (for side traffic)
-    box: Any
 
 
 class DataPlane:
@@ -170,6 +63,7 @@ class DataPlane:
         self.executor = executor or ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="steady-pre")
         self.infer: InferFn = infer or self._direct_infer
         self.rng = rng or random.Random(settings.seed)
+        self.loader = CatalogLoader(repo, settings, metrics)
         self.catalog = Catalog({})
         self.ready = False
         self.inflight = 0
@@ -177,95 +71,28 @@ class DataPlane:
         self._reload_lock = asyncio.Lock()
         self.after_reload = after_reload
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ the catalog
     def load_all(self) -> Catalog:
         """Load every model's production (and candidate) version; readiness turns on after. Blocking."""
-        catalog, errors = self._build_catalog(Catalog({}))
-        if errors:
-            raise SteadyError("; ".join(errors))
-        if not catalog.models:
-            raise SteadyError(f"no models to serve in {self.repo.root}")
-        self._install(catalog)
+        self.catalog = self.loader.load_all()
         self.ready = True
-        return catalog
+        return self.catalog
 
     async def reload(self, *, propagate: bool = True) -> dict[str, Any]:
-        """Re-read stages; load and warm new versions before switching; never replace a healthy one with a broken one.
+        """Re-read stages and switch to the new catalog (see :meth:`CatalogLoader.reload`).
 
         With ``propagate`` the ``after_reload`` hook runs afterwards (the deployment uses it to
         tell the other replicas to reload too).
         """
-        result = await self._reload()
+        async with self._reload_lock:
+            self.catalog, result = await self.loader.reload(self.catalog)
         if propagate and self.after_reload is not None:
             await self.after_reload()
         return result
 
-    async def _reload(self) -> dict[str, Any]:
-        async with self._reload_lock:
-            loop = asyncio.get_running_loop()
-            old = self.catalog
-            catalog, errors = await loop.run_in_executor(None, self._build_catalog, old)
-            self._install(catalog, previous=old)
-            before = {(sv.model, sv.version, sv.stage) for sv in old.all()}
-            after = {(sv.model, sv.version, sv.stage) for sv in catalog.all()}
-            return {
-                "served": {m: {s: sv.version for s, sv in stages.items()} for m, stages in catalog.models.items()},
-                "added": [f"{m}/{v} ({s})" for m, v, s in sorted(after - before)],
-                "removed": [f"{m}/{v} ({s})" for m, v, s in sorted(before - after)],
-                "errors": errors,
-            }
-
-    def _build_catalog(self, old: Catalog) -> tuple[Catalog, list[str]]:
-        models: dict[str, dict[str, ServedVersion]] = {}
-        errors: list[str] = []
-        reusable = {(sv.model, sv.version, sv.sha256): sv for sv in old.all()}
-        for name in self.repo.models():
-            try:
-                versions = self.repo.versions(name)
-                if not versions:
-                    continue
-                stages = self.repo.stages(name)
-                wanted = {"production": stages.production if stages.production is not None else versions[-1]}
-                if stages.candidate is not None and stages.candidate != wanted["production"]:
-                    wanted["candidate"] = stages.candidate
-            except SteadyError as exc:
-                errors.append(f"{name}: {exc}")
-                if name in old.models:
-                    models[name] = dict(old.models[name])
-                continue
-            entry: dict[str, ServedVersion] = {}
-            for stage, version in wanted.items():
-                try:
-                    sha = self.repo.verify(name, version)
-                    served = reusable.get((name, version, sha))
-                    if served is None:
-                        served = load_version(self.repo, name, version, stage, self.settings)
-                    elif served.stage != stage:
-                        served = replace(served, stage=stage)
-                    entry[stage] = served
-                except SteadyError as exc:
-                    errors.append(f"{name}/{version}: {exc}")
-                    previous = old.models.get(name, {}).get(stage)
-                    if previous is not None:  # keep serving the healthy one
-                        entry[stage] = previous
-            if entry:
-                models[name] = entry
-        return Catalog(models), errors
-
-    def _install(self, catalog: Catalog, previous: Catalog | None = None) -> None:
-        self.catalog = catalog
-        now = {(sv.model, sv.version, sv.stage) for sv in catalog.all()}
-        for sv in (previous.all() if previous else []):
-            if (sv.model, sv.version, sv.stage) not in now:
-                self.metrics.served(sv.model, str(sv.version), sv.stage, sv.policy, sv.resolution, sv.sha256, None,
-                                    serving=False)
-        for sv in catalog.all():
-            self.metrics.served(sv.model, str(sv.version), sv.stage, sv.policy, sv.resolution, sv.sha256, sv.robustness)
-
     def publish_gauges(self) -> None:
         """Re-set the model info and robustness gauges (Ray drops gauges not refreshed for ~2 report intervals)."""
-        for sv in self.catalog.all():
-            self.metrics.served(sv.model, str(sv.version), sv.stage, sv.policy, sv.resolution, sv.sha256, sv.robustness)
+        self.loader.publish(self.catalog)
 
     # ------------------------------------------------------------------ routing
     def models(self) -> dict[str, Any]:
@@ -338,17 +165,15 @@ class DataPlane:
             },
         }
 
-    async def _prepare(self, served: ServedVersion, data: bytes) -> _Prepared:
+    async def _prepare(self, served: ServedVersion, data: bytes) -> Prepared:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._prepare_sync, served, data)
 
-    def _prepare_sync(self, served: ServedVersion, data: bytes) -> _Prepared:
+    def _prepare_sync(self, served: ServedVersion, data: bytes) -> Prepared:
         start = time.perf_counter()
-        img = served.pre.decode(data)
-        view = served.pre.view(img)
-        tensor = served.pre.to_tensor(view.pixels[None])[0]
+        prepared = served.pre.process(data)
         self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
-        return _Prepared(tensor, img, view.box)
+        return prepared
 
     async def _direct_infer(self, served: ServedVersion, tensor: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -358,7 +183,7 @@ class DataPlane:
         return logits[0]
 
     # ------------------------------------------------------------------ side traffic
-    def _side_traffic(self, served: ServedVersion, prepared: _Prepared, logits: np.ndarray) -> None:
+    def _side_traffic(self, served: ServedVersion, prepared: Prepared, logits: np.ndarray) -> None:
         if served.stage != "production":
             return
         stages = self.catalog.models.get(served.model, {})
@@ -378,7 +203,7 @@ class DataPlane:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _shadow(self, served: ServedVersion, candidate: ServedVersion, prepared: _Prepared, top1: int) -> None:
+    async def _shadow(self, served: ServedVersion, candidate: ServedVersion, prepared: Prepared, top1: int) -> None:
         try:
             if (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
                     and candidate.card.mean == served.card.mean and candidate.card.std == served.card.std:
@@ -392,7 +217,7 @@ class DataPlane:
         except Exception:  # noqa: BLE001 - side traffic must never hurt the answer
             log.exception("shadow scoring failed for %s/%s", candidate.model, candidate.version)
 
-    async def _live(self, served: ServedVersion, prepared: _Prepared, top1: int) -> None:
+    async def _live(self, served: ServedVersion, prepared: Prepared, top1: int) -> None:
         s = self.settings
         boxes = {
             "shift": shift_box(prepared.box, s.live_shift_px, s.live_shift_px, served.resolution),
@@ -409,8 +234,7 @@ class DataPlane:
 
     @staticmethod
     def _render(served: ServedVersion, image: Any, box: Any) -> np.ndarray:
-        view = served.pre.view(image, box)
-        return served.pre.to_tensor(view.pixels[None])[0]
+        return served.pre.tensor(image, box)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait for side tasks (tests, shutdown)."""

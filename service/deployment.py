@@ -28,9 +28,10 @@ import numpy as np
 import ray
 from ray import serve
 
-from service.dataplane import DataPlane, ServedVersion
+from service.catalog import ServedVersion
+from service.dataplane import DataPlane
 from service.metrics import Metrics
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from service.routes import build_routes
 from service.settings import ServeSettings
 

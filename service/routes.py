@@ -1,6 +1,6 @@
 """HTTP routes (Starlette): decode requests, call the data plane, encode answers.
 
-One exception handler maps every :class:`~service.errors.SteadyError` to
+One exception handler maps every :class:`~service.core.errors.SteadyError` to
 ``{"error": "..."}`` with its ``status`` (503 adds ``Retry-After``); anything else
 becomes a 500 with the same shape, so bad input never takes a replica down.
 
@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import v2
-from service.card import steady_version
+from service.core.card import steady_version
 from service.dataplane import DataPlane
-from service.errors import (
+from service.core.errors import (
     AdminDisabled,
     InvalidInput,
     NotFound,

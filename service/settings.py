@@ -15,22 +15,23 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
-from service.errors import InvalidInput
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.core.errors import InvalidInput
 
 __all__ = ["ServeSettings", "CANDIDATE_MODES", "PROXIES"]
 
 CANDIDATE_MODES = ("off", "canary", "shadow")
 PROXIES = ("haproxy", "default")
+CandidateMode = Literal["off", "canary", "shadow"]
+_SECRETS = frozenset({"admin_token"})  # never echoed in error messages
 
 
-@dataclass(frozen=True)
-class ServeSettings:
+class ServeSettings(BaseModel):
     """Everything the service needs, typed and validated.
 
     Attributes:
@@ -70,84 +71,52 @@ class ServeSettings:
         seed: seed of the traffic sampler (None: random).
     """
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     repo: str
     host: str = "127.0.0.1"
-    port: int = 8000
-    metrics_port: int = 8080
+    port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int = Field(8080, ge=1, le=65535)
     ray_address: str | None = None
-    object_store_mb: int = 256
-    proxy: str = "haproxy"
+    object_store_mb: int = Field(256, ge=1)
+    proxy: Literal["haproxy", "default"] = "haproxy"
     app_name: str = "steady"
-    num_replicas: int = 1
+    num_replicas: int = Field(1, ge=1)
     autoscaling: dict[str, Any] | None = None
-    replica_cpus: float = 2.0
-    replica_gpus: float = 0.0
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.0
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 256
-    max_inflight: int = 128
-    ort_threads: int = 2
+    replica_cpus: float = Field(2.0, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+    max_inflight: int = Field(128, ge=1)
+    ort_threads: int = Field(2, ge=0)
     ort_spinning: bool = False
-    decode_threads: int = 2
-    provider: str = "auto"
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
+    decode_threads: int = Field(2, ge=1)
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(50_000_000, ge=1)
     warmup_batch_sizes: tuple[int, ...] = ()
-    candidate_mode: str = "canary"
-    model_candidate_mode: dict[str, str] | None = None
-    canary_fraction: float = 0.1
-    shadow_fraction: float = 1.0
-    live_fraction: float = 0.01
+    candidate_mode: CandidateMode = "canary"
+    model_candidate_mode: dict[str, CandidateMode] | None = None
+    canary_fraction: float = Field(0.1, ge=0, le=1)
+    shadow_fraction: float = Field(1.0, ge=0, le=1)
+    live_fraction: float = Field(0.01, ge=0, le=1)
     live_shift_px: int = 1
-    live_zoom: float = 1.05
-    max_background: int = 8
-    admin_token: str | None = field(default=None, repr=False)
-    retry_after_s: int = 1
+    live_zoom: float = Field(1.05, gt=0)
+    max_background: int = Field(8, ge=1)
+    admin_token: str | None = Field(None, repr=False, min_length=8)
+    retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "repo", str(self.repo))
-        object.__setattr__(self, "warmup_batch_sizes", tuple(int(x) for x in self.warmup_batch_sizes))
-        _positive_int(self, "port", "metrics_port", "object_store_mb", "num_replicas", "max_batch_size",
-                      "max_ongoing_requests", "max_inflight", "decode_threads", "max_body_bytes", "max_pixels",
-                      "max_background", "retry_after_s")
-        if self.max_queued_requests < -1:
-            raise InvalidInput(f"max_queued_requests must be >= -1 (-1: unbounded), got {self.max_queued_requests}")
-        if self.ort_threads < 0:
-            raise InvalidInput(f"ort_threads must be >= 0, got {self.ort_threads}")
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeSettings":
         if self.max_ongoing_requests < self.max_batch_size:
-            raise InvalidInput(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                f"({self.max_batch_size}) or batches never fill"
-            )
-        if not 0 <= self.batch_wait_timeout_s <= 1:
-            raise InvalidInput(f"batch_wait_timeout_s must be in [0, 1], got {self.batch_wait_timeout_s}")
-        if self.replica_cpus <= 0:
-            raise InvalidInput(f"replica_cpus must be > 0, got {self.replica_cpus}")
-        if self.replica_gpus < 0:
-            raise InvalidInput(f"replica_gpus must be >= 0, got {self.replica_gpus}")
-        if self.proxy not in PROXIES:
-            raise InvalidInput(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
-        if self.provider not in ("auto", "cpu", "cuda"):
-            raise InvalidInput(f"provider must be auto, cpu or cuda, got {self.provider!r}")
-        if self.candidate_mode not in CANDIDATE_MODES:
-            raise InvalidInput(f"candidate_mode must be one of {CANDIDATE_MODES}, got {self.candidate_mode!r}")
-        for model, mode in (self.model_candidate_mode or {}).items():
-            if mode not in CANDIDATE_MODES:
-                raise InvalidInput(f"model_candidate_mode[{model!r}] must be one of {CANDIDATE_MODES}, got {mode!r}")
-        for name in ("canary_fraction", "shadow_fraction", "live_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise InvalidInput(f"{name} must be in [0, 1], got {value}")
-        if self.live_zoom <= 0:
-            raise InvalidInput(f"live_zoom must be > 0, got {self.live_zoom}")
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}) or batches never fill")
         if any(b < 1 for b in self.warmup_batch_sizes):
-            raise InvalidInput(f"warmup_batch_sizes must be >= 1, got {self.warmup_batch_sizes}")
-        if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
-            raise InvalidInput(f"autoscaling must be a mapping, got {type(self.autoscaling).__name__}")
-        if self.admin_token is not None and len(self.admin_token) < 8:
-            raise InvalidInput("admin_token must be at least 8 characters")
+            raise ValueError(f"warmup_batch_sizes must be >= 1, got {self.warmup_batch_sizes}")
+        return self
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -163,33 +132,31 @@ class ServeSettings:
         values: dict[str, Any] = {}
         if config is not None:
             values.update(_load_yaml(config) if not isinstance(config, Mapping) else dict(config))
-        values.update(_from_environ(os.environ if environ is None else environ))
+        from_env = _from_environ(os.environ if environ is None else environ)
+        values.update(from_env)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         if repo is not None:
             values["repo"] = str(repo)
         if not values.get("repo"):
             raise InvalidInput("a model repository is required (--repo or `repo:` in the config)")
-        return cls.from_dict(values)
+        env_only = {k: (os.environ if environ is None else environ)[f"STEADY_{k.upper()}"]
+                    for k in from_env if k not in (overrides or {}) or (overrides or {})[k] is None}
+        return cls.from_dict(values, environment=env_only)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ServeSettings":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise InvalidInput(f"unknown serve settings {unknown}; known: {sorted(known)}")
+    def from_dict(cls, data: Mapping[str, Any], *, environment: Mapping[str, str] | None = None) -> "ServeSettings":
+        """Validate plain data; any problem is one :class:`InvalidInput` line naming the setting and value."""
         try:
-            return cls(**dict(data))
-        except TypeError as exc:
-            raise InvalidInput(f"invalid serve settings: {exc}") from exc
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise InvalidInput(_one_line(exc, data, environment or {})) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (picklable, JSON-able) to hand to the Ray deployment."""
-        data = dataclasses.asdict(self)
-        data["warmup_batch_sizes"] = list(self.warmup_batch_sizes)
-        return data
+        return self.model_dump(mode="json")
 
     def replace(self, **changes: Any) -> "ServeSettings":
-        return dataclasses.replace(self, **changes)
+        return self.from_dict({**self.to_dict(), **changes})
 
     def candidate_mode_of(self, model: str) -> str:
         return (self.model_candidate_mode or {}).get(model, self.candidate_mode)
@@ -215,11 +182,22 @@ class ServeSettings:
         return options
 
 
-def _positive_int(settings: ServeSettings, *names: str) -> None:
-    for name in names:
-        value = getattr(settings, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidInput(f"{name} must be an integer >= 1, got {value!r}")
+def _one_line(exc: ValidationError, data: Mapping[str, Any], environment: Mapping[str, str]) -> str:
+    """The first problem of a validation error, as one line that names the setting and the bad value."""
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown serve settings {unknown}; known: {sorted(ServeSettings.model_fields)}"
+    first = errors[0]
+    name = ".".join(str(x) for x in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:  # a cross-field rule
+        return message
+    top = str(first["loc"][0])
+    if top in environment:
+        return f"environment STEADY_{top.upper()}={environment[top]!r} is not valid: {message}"
+    shown = "<hidden>" if top in _SECRETS else repr(first.get("input"))[:80]
+    return f"{name}: {message}, got {shown}"
 
 
 def _load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -242,32 +220,20 @@ def _load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``STEADY_<FIELD>`` variables: strings, except ``1,2,4`` lists for tuple settings and YAML for mappings
+    (pydantic converts the rest)."""
     out: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(ServeSettings)}
-    for name, f in fields.items():
+    for name, info in ServeSettings.model_fields.items():
         raw = environ.get(f"STEADY_{name.upper()}")
         if raw is None or raw == "":
             continue
-        out[name] = _parse_env(name, str(f.type), raw)
-    return out
-
-
-def _parse_env(name: str, type_name: str, raw: str) -> Any:
-    try:
-        if type_name.startswith("bool"):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if type_name.startswith("int"):
-            return int(raw)
-        if type_name.startswith("float"):
-            return float(raw)
-        if type_name.startswith("tuple"):
-            return tuple(int(x) for x in raw.split(",") if x.strip())
-        if type_name.startswith("dict"):
+        kind = str(info.annotation)
+        if kind.startswith("tuple"):
+            out[name] = [x.strip() for x in raw.split(",") if x.strip()]
+        elif kind.startswith("dict"):
             import yaml
 
-            return yaml.safe_load(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"environment STEADY_{name.upper()}={raw!r} is not a valid {type_name}") from exc
-    return raw
+            out[name] = yaml.safe_load(raw)
+        else:
+            out[name] = raw
+    return out

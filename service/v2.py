@@ -1,6 +1,6 @@
 """KServe V2 / Open Inference Protocol codec: pure functions, no HTTP, no Ray.
 
-Covers what ``tritonclient[http]`` sends and expects (REFERENCE section 5): JSON tensors,
+Covers what ``tritonclient[http]`` sends and expects (the Open Inference Protocol plus Triton's binary-data and classification extensions): JSON tensors,
 the binary-data extension both ways (``Inference-Header-Content-Length``, per-tensor
 ``binary_data_size``), BYTES elements as ``<uint32 LE length><bytes>``, and the
 classification extension (``"<score>:<index>:<label>"``).
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 
 __all__ = [
     "DATATYPES",

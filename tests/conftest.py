@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.card import ModelCard, Source
-from service.repository import ModelRepository
+from service.core.card import ModelCard, Source
+from service.core.repository import ModelRepository
 
 TINY_CLASSES = 10
+BACKGROUND = (124.0, 116.0, 104.0)  # a mean colour for decode/render calls outside a card
 
 
 def make_tiny_onnx(num_classes: int = TINY_CLASSES, seed: int = 0) -> bytes:

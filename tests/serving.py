@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from service.settings import ServeSettings
 from tests.conftest import make_tiny_onnx, tiny_card
 
@@ -92,7 +92,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
     # ...and so are the fallback proxy's ports behind HAProxy (8500 / 9500)
     os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(free_port()))
     os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(free_port()))
-    from service.serve_cli import run_service, start_ray, stop_service
+    from service.runner import run_service, start_ray, stop_service
 
     start_ray(settings, system_config={"metrics_report_interval_ms": 1000})
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.card import ModelCard, Source
+from service.core.card import ModelCard, Source
 
 
 class SmallNet(nn.Module):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.conftest import encode
 
 

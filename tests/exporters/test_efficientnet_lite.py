@@ -6,11 +6,11 @@ timm = pytest.importorskip("timm")
 
 from exporters.efficientnet_lite import LITE_VARIANTS, build_lite, lite_card, lite_weights_path  # noqa: E402
 from exporters.weights import file_sha256, load_state_dict  # noqa: E402
-from service.card import ModelCard  # noqa: E402
+from service.core.card import ModelCard  # noqa: E402
 from service.cli import main  # noqa: E402
-from service.errors import ExportError  # noqa: E402
-from service.preprocess import Preprocessor  # noqa: E402
-from service.repository import ModelRepository  # noqa: E402
+from service.core.errors import ExportError  # noqa: E402
+from service.core.preprocess import Preprocessor  # noqa: E402
+from service.core.repository import ModelRepository  # noqa: E402
 from tests.conftest import encode  # noqa: E402
 
 CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat

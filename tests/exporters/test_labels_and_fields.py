@@ -5,7 +5,7 @@ import pytest
 from exporters.card_fields import merge_fields, parse_triple, read_card_file
 from exporters.labels import imagenet_labels, read_labels_file, resolve_labels
 from exporters.sources import default_name, parse_source
-from service.errors import CardError, ExportError
+from service.core.errors import CardError, ExportError
 
 
 def test_imagenet_labels_in_index_order() -> None:

@@ -9,8 +9,8 @@ timm = pytest.importorskip("timm")
 from exporters.sources import ExportOptions, export_source  # noqa: E402
 from exporters.timm_source import build_timm, timm_defaults  # noqa: E402
 from exporters.torchvision_source import build_torchvision, torchvision_defaults  # noqa: E402
-from service.errors import ExportError  # noqa: E402
-from service.repository import ModelRepository  # noqa: E402
+from service.core.errors import ExportError  # noqa: E402
+from service.core.repository import ModelRepository  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from torch import nn  # noqa: E402
 
 from exporters.module_export import export_module  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
-from service.card import METADATA_KEY, ModelCard  # noqa: E402
-from service.errors import ExportError, InvalidName  # noqa: E402
-from service.repository import ModelRepository  # noqa: E402
+from service.core.card import METADATA_KEY, ModelCard  # noqa: E402
+from service.core.errors import ExportError, InvalidName  # noqa: E402
+from service.core.repository import ModelRepository  # noqa: E402
 from tests.exporters.small_models import small_card  # noqa: E402
 
 

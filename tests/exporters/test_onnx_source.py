@@ -8,9 +8,9 @@ import pytest
 
 from exporters.onnx_source import import_onnx, onnx_io
 from exporters.sources import ExportOptions, export_source
-from service.card import METADATA_KEY, ModelCard
-from service.errors import CardError, ExportError
-from service.repository import ModelRepository
+from service.core.card import METADATA_KEY, ModelCard
+from service.core.errors import CardError, ExportError
+from service.core.repository import ModelRepository
 from tests.conftest import TINY_CLASSES, make_tiny_onnx
 
 FIELDS = {"train_resolution": 32, "mean": (127, 127, 127), "std": (128, 128, 128)}
@@ -41,7 +41,7 @@ def test_onnx_path_imports_no_torch(tiny_file: Path, tmp_path: Path) -> None:
 
     code = (
         "import sys; from exporters.sources import ExportOptions, export_source; "
-        "from service.repository import ModelRepository; "
+        "from service.core.repository import ModelRepository; "
         f"export_source('onnx:{tiny_file}', ModelRepository({str(tmp_path / 'r')!r}), "
         "ExportOptions(resolution=32, mean=(127,127,127), std=(128,128,128))); "
         "print('torch' in sys.modules)"

@@ -10,7 +10,7 @@ from torch import nn  # noqa: E402
 import exporters.parity as parity_mod  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
 from exporters.parity import check_parity, generated_inputs, parity_resolutions, photo_inputs  # noqa: E402
-from service.errors import ExportError, ParityError  # noqa: E402
+from service.core.errors import ExportError, ParityError  # noqa: E402
 from tests.exporters.small_models import small_card  # noqa: E402
 
 

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from exporters.weights import file_sha256, infer_num_classes, load_into, load_state_dict, map_by_position  # noqa: E402
-from service.errors import ExportError  # noqa: E402
+from service.core.errors import ExportError  # noqa: E402
 
 
 def _source_net() -> nn.Sequential:

@@ -8,18 +8,14 @@ README.md ("Reliability") come from that table.
 
 The session's real Ray Serve service (the ``service`` fixture of ``tests/serving.py``) is shared;
 tests that must break a server (kill replicas, corrupt its repository) start their own
-``steady serve`` in a subprocess (:func:`serve_subprocess`).
+``steady serve`` in a subprocess (:class:`service.launcher.ServeProcess`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +23,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from service.bench import descendants
-from tests.serving import ADMIN_TOKEN, free_port
+import psutil
+
+from service.launcher import ServeProcess
 
 
 @pytest.fixture(scope="session")
@@ -110,111 +107,37 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 # ------------------------------------------------------------------ a private server
-@dataclass
-class Subprocess:
-    """A ``steady serve`` running in its own process group (its own Ray)."""
-
-    proc: subprocess.Popen[bytes]
-    base: str
-    repo: Path
-    port: int
-    log: Path
-    env: dict[str, str]
-    ray_tmp: Path  # RAY_TMPDIR of this server: its session logs are under it
-
-    def descendants(self) -> list[int]:
-        return descendants(self.proc.pid)
-
-
 def cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
 def rss_mb(pid: int) -> float:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def serve_subprocess(repo: Path, log: Path, config: dict[str, Any], timeout: float = 150) -> Subprocess:
-    """Start ``steady serve`` on free loopback ports with ``config`` (YAML settings); wait until ready."""
-    import httpx
-    import yaml
-
-    port = free_port()
-    settings = {"repo": str(repo), "host": "127.0.0.1", "port": port, "metrics_port": free_port(),
-                "object_store_mb": 96, **config}
-    cfg = log.with_suffix(".yaml")
-    cfg.write_text(yaml.safe_dump(settings))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STEADY_")}
-    import tempfile
-
-    ray_tmp = Path(tempfile.mkdtemp(prefix="sr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    # every port Ray Serve fixes by default, so concurrent Ray instances on one machine never cross-talk
-    # (with the HAProxy ingress the Serve proxy listens on RAY_SERVE_FALLBACK_PROXY_HTTP_PORT, default 8500)
-    env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
-               RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()), RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=str(free_port()),
-               PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
-    env.pop("RAY_ADDRESS", None)  # never join the session's own Ray
-    fh = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(cfg)],
-                            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    fh.close()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"steady serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return Subprocess(proc, base, repo, port, log, env, ray_tmp)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_subprocess(Subprocess(proc, base, repo, port, log, env, ray_tmp))
-    raise RuntimeError(f"steady serve not ready after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_subprocess(server: Subprocess) -> None:
-    """SIGTERM (steady serve shuts Serve and Ray down), then SIGKILL the whole process group."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-    leftovers = server.descendants()
-    try:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in leftovers:  # Ray daemons may have left the group
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    server.proc.wait(10)
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return 0.0
 
 
 @pytest.fixture(scope="module")
 def private_server_factory() -> Iterator[Any]:
-    started: list[Subprocess] = []
+    """Start ``steady serve`` subprocesses (:class:`service.launcher.ServeProcess`) that are stopped and
+    cleaned up when the module ends."""
+    started: list[ServeProcess] = []
 
-    def start(repo: Path, log: Path, config: dict[str, Any]) -> Subprocess:
-        server = serve_subprocess(repo, log, config)
+    def start(repo: Path, log: Path, config: dict[str, Any]) -> ServeProcess:
+        server = ServeProcess.start({"repo": str(repo), "object_store_mb": 96, **config}, log)
         started.append(server)
+        try:
+            server.wait_ready(150)
+        except Exception:
+            server.stop()
+            raise
         return server
 
     yield start
-    import shutil
-
     for server in started:
-        stop_subprocess(server)
-        shutil.rmtree(server.ray_tmp, ignore_errors=True)
+        server.stop()
+        server.cleanup()

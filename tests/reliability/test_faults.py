@@ -23,9 +23,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
+from service.launcher import ServeProcess
 from tests.conftest import make_tiny_onnx, tiny_card
-from tests.reliability.conftest import TALLY, Subprocess, cmdline, rss_mb
+from tests.reliability.conftest import TALLY, cmdline, rss_mb
 from tests.reliability.hostile import photo_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +39,7 @@ JPEG = {"Content-Type": "image/jpeg"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, private_server_factory: Any) -> Subprocess:
+def server(tmp_path_factory: pytest.TempPathFactory, private_server_factory: Any) -> ServeProcess:
     root = tmp_path_factory.mktemp("faults-repo")
     repo = ModelRepository(root)
     repo.add("tiny", make_tiny_onnx(), tiny_card())
@@ -52,11 +53,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_server_factory: Any
     return server
 
 
-def replicas(server: Subprocess) -> list[int]:
+def replicas(server: ServeProcess) -> list[int]:
     return sorted(pid for pid in server.descendants() if "ServeReplica:steadyrel" in cmdline(pid))
 
 
-def wait_replicas(server: Subprocess, count: int, exclude: set[int], timeout: float) -> list[int]:
+def wait_replicas(server: ServeProcess, count: int, exclude: set[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = [p for p in replicas(server) if p not in exclude]
@@ -97,7 +98,7 @@ async def _load(base: str, seconds_max: float, stop: asyncio.Event, results: lis
         await asyncio.gather(*(worker() for _ in range(workers)))
 
 
-def test_replica_killed_under_load(server: Subprocess) -> None:
+def test_replica_killed_under_load(server: ServeProcess) -> None:
     before = replicas(server)
     assert len(before) == 2, before
     results: list[tuple[float, Any, float]] = []
@@ -145,7 +146,7 @@ def test_replica_killed_under_load(server: Subprocess) -> None:
     assert len(info["new"]) == 2 and info["new"] != before
 
 
-def test_readiness_reflects_all_replicas_dead(server: Subprocess) -> None:
+def test_readiness_reflects_all_replicas_dead(server: ServeProcess) -> None:
     pids = replicas(server)
     assert len(pids) == 2
     for pid in pids:
@@ -172,13 +173,13 @@ def test_readiness_reflects_all_replicas_dead(server: Subprocess) -> None:
 
 
 # ------------------------------------------------------------------ corrupted files on disk
-def _reload(server: Subprocess) -> dict[str, Any]:
+def _reload(server: ServeProcess) -> dict[str, Any]:
     r = httpx.post(f"{server.base}/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def _served_versions(server: Subprocess, n: int = 30) -> set[int]:
+def _served_versions(server: ServeProcess, n: int = 30) -> set[int]:
     photo = photo_jpeg(40, 40, seed=3)
     out = set()
     with httpx.Client(timeout=10) as client:
@@ -203,7 +204,7 @@ def _corrupt(path: Path, how: str) -> bytes:
     return original
 
 
-def test_corrupted_versions_are_refused_and_the_healthy_one_keeps_serving(server: Subprocess) -> None:
+def test_corrupted_versions_are_refused_and_the_healthy_one_keeps_serving(server: ServeProcess) -> None:
     repo = ModelRepository(server.repo)
     assert _served_versions(server, 6) == {1}
     cases = [("model.onnx", "flip"), ("model.onnx", "truncate"), ("card.json", "edit")]
@@ -246,7 +247,7 @@ def test_corrupted_versions_are_refused_and_the_healthy_one_keeps_serving(server
 
 
 # ------------------------------------------------------------------ secrets and image bytes stay out of the logs
-def test_no_token_or_image_bytes_in_logs(server: Subprocess) -> None:
+def test_no_token_or_image_bytes_in_logs(server: ServeProcess) -> None:
     canary_png = _png_with_text(LEAK)
     bodies = [canary_png, LEAK * 50, photo_jpeg()[:300] + LEAK, b"\xff\xd8" + LEAK + os.urandom(64)]
     with httpx.Client(base_url=server.base, timeout=10) as client:

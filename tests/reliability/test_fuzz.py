@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service import v2
-from service.errors import SteadyError
-from service.preprocess import decode
-from tests.conftest import make_tiny_onnx, tiny_card
+from service.core.errors import SteadyError
+from service.core.preprocess import decode
+from tests.conftest import BACKGROUND, make_tiny_onnx, tiny_card
 from tests.reliability.conftest import TALLY
 from tests.reliability.hostile import animated, exif_jpeg, gif_with_screen, png_with_header
 
@@ -57,7 +57,7 @@ SEEDS = _seeds()
 
 def _decode_property(data: bytes, area: str) -> None:
     try:
-        img = decode(data, max_pixels=LIMIT)
+        img = decode(data, max_pixels=LIMIT, background=BACKGROUND)
     except SteadyError as exc:
         assert 400 <= exc.status < 500, (type(exc), exc)
         TALLY.record(area, expected=True, status=exc.status)
@@ -118,7 +118,7 @@ def test_decoder_valid_images_of_any_mode(w: int, h: int, mode: str, fmt: str) -
         data = _encode(img, fmt)
     except (OSError, ValueError, KeyError):
         return  # Pillow cannot write this mode in this format: nothing to decode
-    img_out = decode(data, max_pixels=LIMIT)
+    img_out = decode(data, max_pixels=LIMIT, background=BACKGROUND)
     assert img_out.mode == "RGB" and img_out.size in ((w, h), (h, w))
     TALLY.record("fuzz-decoder", expected=True, status=200)
 
@@ -174,7 +174,7 @@ def v2_requests(draw: Any) -> tuple[bytes, int | None]:
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from service.dataplane import DataPlane
     from service.metrics import Metrics
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
     from service.settings import ServeSettings
 
     repo = ModelRepository(tmp_path_factory.mktemp("fuzz-repo"))
@@ -239,5 +239,5 @@ def test_fuzz_property_holds_for_known_good_requests(plane: Any) -> None:
     request = v2.parse_infer_request(good.encode())
     served, outputs, _ = asyncio.run(plane.infer_v2("tiny", None, request))
     assert outputs[0].array is not None and outputs[0].array.shape == (1, 10)
-    assert decode(SEEDS[0]).size == (32, 24)
+    assert decode(SEEDS[0], background=BACKGROUND).size == (32, 24)
     assert Path(plane.repo.root).is_dir()

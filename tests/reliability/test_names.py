@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.errors import InvalidName, NotFound
-from service.repository import ModelRepository, parse_version, validate_name
+from service.core.errors import InvalidName, NotFound
+from service.core.repository import ModelRepository, parse_version, validate_name
 from tests.reliability.conftest import Tally
 from tests.reliability.hostile import photo_jpeg
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
-from service.bench import descendants
 from tests.reliability.conftest import TALLY, cmdline, rss_mb
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +39,7 @@ def _big_jpeg() -> bytes:
 
 
 def _replicas() -> list[int]:
-    return sorted(p for p in descendants(os.getpid()) if "ServeReplica:steady:" in cmdline(p))
+    return sorted(p.pid for p in psutil.Process().children(recursive=True) if "ServeReplica:steady:" in cmdline(p.pid))
 
 
 def test_overload_sheds_fast_and_recovers(service) -> None:
@@ -98,7 +98,7 @@ def test_overload_sheds_fast_and_recovers(service) -> None:
     p95_shed = shed_lat[int(0.95 * (len(shed_lat) - 1))] if shed_lat else 0.0
     bad_503 = [r for _, r in shed if r is not None and (r.headers.get("retry-after") is None or _not_json_error(r))]
     growth = {p: peak[p] - rss_before[p] for p in pids}
-    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    alive = [p for p in pids if psutil.pid_exists(p)]
     for c in codes:
         TALLY.record("overload", expected=c in (200, 503), status=c if isinstance(c, int) else None,
                      lost=c == "timeout", crash=not isinstance(c, int))

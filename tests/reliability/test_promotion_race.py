@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.conftest import make_tiny_onnx, tiny_card
 from tests.reliability.conftest import TALLY
 
@@ -129,8 +129,8 @@ def test_concurrent_promote_and_rollback_lose_nothing(repo: ModelRepository) -> 
 # a child that enters set_stage and stops at a chosen point, so the parent can SIGKILL it there
 _STOPPER = r"""
 import os, sys, time, json
-from service.repository import ModelRepository
-import service.repository as r
+from service.core.repository import ModelRepository
+import service.core.repository as r
 repo, where, marker = ModelRepository(sys.argv[1]), sys.argv[2], sys.argv[3]
 
 def hold(*args, **kwargs):

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput
-from service.repository import ModelRepository
+from service.core.errors import InvalidInput
+from service.core.repository import ModelRepository
 from service.settings import ServeSettings
 from tests.conftest import encode
 from tests.reliability.conftest import TALLY
@@ -48,7 +48,7 @@ def test_admin_token_is_compared_in_constant_time() -> None:
              and n.func.attr == "compare_digest" and getattr(n.func.value, "id", "") == "hmac"]
     assert calls, "the admin token must be checked with hmac.compare_digest"
     # and never with == / != / in anywhere in the service
-    for path in (ROOT / "service").glob("*.py"):
+    for path in (ROOT / "service").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
                                                      for op in node.ops):
@@ -121,7 +121,7 @@ def test_exporters_load_weights_only() -> None:
 
 
 def test_models_are_loaded_as_onnx_only() -> None:
-    runtime = (ROOT / "service" / "runtime.py").read_text()
+    runtime = (ROOT / "service" / "core" / "runtime.py").read_text()
     assert "InferenceSession" in runtime
     assert not re.search(r"\b(torch|tensorflow|keras)\b", runtime)
 

@@ -7,7 +7,7 @@ import pytest
 from robustness.protocols import ProtocolConfig
 from robustness.scorer import choose
 from service.cli import main
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.conftest import tiny_card
 
 

@@ -10,8 +10,8 @@ import pytest
 from robustness.gate import GatePolicy, decide, parse_policy
 from robustness.schema import SUMMARY_KEYS
 from service.cli import main
-from service.errors import GateError
-from service.repository import ModelRepository, atomic_write_json
+from service.core.errors import GateError
+from service.core.repository import ModelRepository, atomic_write_json
 
 SCORES = {"accuracy.top1": 0.85, "pan.p_change": 0.05, "scale.flip_probability": 0.10}
 POLICY = GatePolicy(max={"pan.p_change": 0.08, "scale.flip_probability": 0.15}, min={"accuracy.top1": 0.70},
@@ -117,3 +117,12 @@ def test_shipped_policy_parses() -> None:
 
     policy, sha = load_policy(Path(__file__).parents[2] / "deploy" / "gate.yaml", SUMMARY_KEYS)
     assert policy.max and policy.min and policy.regression and len(sha) == 64
+
+
+@pytest.mark.parametrize("content", ["[1]", "{not json", "null"])
+def test_gate_refuses_a_robustness_json_that_is_not_an_object(tiny_repo: ModelRepository, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str], content: str) -> None:
+    (tiny_repo.version_dir("tiny", 1) / "robustness.json").write_text(content)
+    assert main(["gate", "--repo", str(tiny_repo.root), "tiny", "1", "--policy", _policy(tmp_path, GOOD_YAML)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "robustness.json" in err and "Traceback" not in err

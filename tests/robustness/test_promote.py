@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.repository import ModelRepository, atomic_write_json
+from service.core.repository import ModelRepository, atomic_write_json
 from tests.conftest import tiny_card
 
 
@@ -84,3 +84,13 @@ def test_models_shows_gate_status(tiny_repo: ModelRepository, capsys: pytest.Cap
     _gate(tiny_repo, 1, sha="1" * 64)
     assert main(["models", "--repo", str(Path(tiny_repo.root)), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["models"][0]["versions"][0]["gate"] == "stale"
+
+
+@pytest.mark.parametrize("content", ["[1]", "{not json", '"pass"'])
+def test_promote_refuses_a_gate_json_that_is_not_an_object(tiny_repo: ModelRepository, capsys: pytest.CaptureFixture[str],
+                                                            content: str) -> None:
+    (tiny_repo.version_dir("tiny", 1) / "gate.json").write_text(content)
+    assert main(["promote", "--repo", str(tiny_repo.root), "tiny", "1"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "gate.json" in err and "Traceback" not in err
+    assert _stages(tiny_repo)["production"] is None

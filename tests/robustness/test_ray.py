@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 
 SCRIPT = textwrap.dedent(
     """
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from robustness.data import load_dataset
     from robustness.protocols import ProtocolConfig
     from robustness.scorer import ScoreOptions, aggregate, run_local, run_ray
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     repo, data, labels = sys.argv[1:4]
     loaded = ModelRepository(repo).load("tiny", 1)

@@ -12,7 +12,7 @@ from robustness.protocols import ProtocolConfig
 from robustness.schema import SUMMARY_KEYS, validate
 from robustness.scorer import shard
 from service.cli import main
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 
 FAST = ["--translate-frames", "3", "--zoom-range", "0.9", "1.1", "--no-progress"]
 

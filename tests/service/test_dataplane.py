@@ -13,9 +13,9 @@ import pytest
 
 from service import v2
 from service.dataplane import DataPlane
-from service.errors import ImageTooLarge, InvalidInput, ModelNotFound, Overloaded, UnsupportedImage, VersionNotFound
+from service.core.errors import ImageTooLarge, InvalidInput, ModelNotFound, Overloaded, UnsupportedImage, VersionNotFound
 from service.metrics import Metrics, robustness_metric_name
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from service.settings import ServeSettings
 from tests.conftest import encode, tiny_card
 
@@ -34,8 +34,8 @@ def _plane(repo: ModelRepository, **overrides: Any) -> DataPlane:
 
 
 def test_classify_matches_direct_preprocessing(tiny_repo: ModelRepository, photo: bytes) -> None:
-    from service.preprocess import Preprocessor
-    from service.runtime import Classifier
+    from service.core.preprocess import Preprocessor
+    from service.core.runtime import Classifier
 
     plane = _plane(tiny_repo)
     served, doc = asyncio.run(plane.classify("tiny", photo, top_k=3))

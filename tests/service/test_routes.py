@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from service.dataplane import DataPlane
 from service.metrics import Metrics
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from service.routes import build_routes
 from service.settings import ServeSettings
 from tests.conftest import encode

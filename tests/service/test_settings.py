@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 from service.settings import ServeSettings
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service import v2
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 
 
 def _binary_request(header: dict, *chunks: bytes) -> tuple[bytes, int]:

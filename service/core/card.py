@@ -11,7 +11,8 @@ Value scaling is always stated on the 0..255 scale: the network input is
 ``(pixel - mean) / std`` with ``pixel`` in 0..255, channel order RGB, layout NCHW.
 
 Example:
-    >>> card = ModelCard(name="m", labels=("a", "b"), train_resolution=224)
+    >>> card = ModelCard(name="m", labels=("a", "b"), train_resolution=224,
+    ...                  mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
     >>> ModelCard.from_json(card.to_json()) == card
     True
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from service.errors import CardError
+from service.core.errors import CardError
 
 __all__ = [
     "CARD_SCHEMA_VERSION",
@@ -86,12 +87,12 @@ class ModelCard:
     name: str
     labels: tuple[str, ...]
     train_resolution: int
+    mean: tuple[float, float, float]  # always stated: a missing mean/std is an error, never a guess
+    std: tuple[float, float, float]
     version: int | None = None
     test_resolution: int | None = None
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-    std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     value_scale: str = "0..255"
     layout: str = "NCHW"
     channel_order: str = "RGB"
@@ -172,6 +173,10 @@ class ModelCard:
         if unknown:
             raise CardError(f"unknown card fields: {sorted(unknown)}")
         kwargs = dict(data)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise CardError(f"card lacks required fields {missing}: preprocessing is never guessed")
         try:
             kwargs["source"] = Source(**kwargs.get("source") or {})
             if kwargs.get("parity") is not None:

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from service.card import ModelCard
-from service.errors import InvalidInput
+from service.core.card import ModelCard
+from service.core.errors import InvalidInput
 
 __all__ = ["Prediction", "RuntimeOptions", "Classifier", "softmax", "available_providers"]
 
@@ -102,7 +102,7 @@ class Classifier:
 
     @classmethod
     def from_repository(cls, repo: object, name: str, version: int, options: RuntimeOptions | None = None) -> "Classifier":
-        """Load a checksum-verified version from a :class:`~service.repository.ModelRepository`."""
+        """Load a checksum-verified version from a :class:`~service.core.repository.ModelRepository`."""
         loaded = repo.load(name, version)  # type: ignore[attr-defined]
         return cls(loaded.onnx_bytes, loaded.card, options)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.conftest import encode
 
 
@@ -28,10 +28,37 @@ def test_models_json_shape(tiny_repo: ModelRepository, capsys: pytest.CaptureFix
     assert model["name"] == "tiny"
     assert model["stages"] == {"production": 1, "candidate": None}
     (version,) = model["versions"]
-    assert set(version) == {"version", "sha256", "created", "gate"}
-    assert version["sha256"] == tiny_repo.verify("tiny", 1)
+    assert set(version) == {"version", "sha256", "created", "gate", "verified"}
+    assert version["sha256"] == tiny_repo.verify("tiny", 1) and version["verified"] is True
     assert main(["models", "--repo", str(tiny_repo.root)]) == 0
     assert "production=1" in capsys.readouterr().out
+
+
+def _writable(path: Path) -> Path:
+    os.chmod(path, 0o644)
+    return path
+
+
+@pytest.mark.parametrize("content, shown", [("[1]", "unreadable"), ("{not json", "unreadable"),
+                                            ('{"model_sha256": "abc", "decision": "pass"}', "stale")])
+def test_models_reports_bad_gate_files_in_one_word(tiny_repo: ModelRepository, capsys: pytest.CaptureFixture[str],
+                                                    content: str, shown: str) -> None:
+    (tiny_repo.version_dir("tiny", 1) / "gate.json").write_text(content)
+    assert main(["models", "--repo", str(tiny_repo.root), "--json"]) == 0
+    (version,) = json.loads(capsys.readouterr().out)["models"][0]["versions"]
+    assert version["gate"] == shown
+
+
+def test_models_verifies_each_model_file(tiny_repo: ModelRepository, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _writable(tiny_repo.version_dir("tiny", 1) / "model.onnx")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    assert main(["models", "--repo", str(tiny_repo.root), "--json"]) == 0
+    (version,) = json.loads(capsys.readouterr().out)["models"][0]["versions"]
+    assert version["verified"] is False and version["sha256"] is None and "checksum" in version["error"]
+    assert main(["models", "--repo", str(tiny_repo.root)]) == 0
+    assert "CHECKSUM ERROR" in capsys.readouterr().out
 
 
 def test_predict_json_lines_for_files_and_folders(

@@ -17,7 +17,7 @@ import numpy as np
 from robustness.data import load_dataset
 from robustness.protocols import ProtocolConfig
 from robustness.scorer import ScoreOptions, score_items
-from service.runtime import Classifier, RuntimeOptions
+from service.core.runtime import Classifier, RuntimeOptions
 
 __all__ = ["bench_score"]
 

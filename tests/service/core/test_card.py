@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from service.card import METADATA_KEY, ModelCard, Parity, Source
-from service.errors import CardError
+from service.core.card import METADATA_KEY, ModelCard, Parity, Source
+from service.core.errors import CardError
 from tests.conftest import tiny_card
 
 
@@ -71,3 +71,15 @@ def test_unknown_fields_and_bad_json_are_refused() -> None:
         ModelCard.from_json("{not json")
     with pytest.raises(CardError, match="object"):
         ModelCard.from_json("[1, 2]")
+
+
+def test_preprocessing_is_never_defaulted() -> None:
+    from service.core.card import ModelCard
+    from service.core.errors import CardError
+
+    with pytest.raises(TypeError):
+        ModelCard(name="m", labels=("a",), train_resolution=32)  # type: ignore[call-arg]
+    data = tiny_card().to_dict()
+    del data["mean"]
+    with pytest.raises(CardError, match="mean"):
+        ModelCard.from_dict(data)

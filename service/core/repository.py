@@ -12,7 +12,7 @@ Layout::
 Versions are integers allocated 1, 2, 3... under the model's lock; a version
 is written to a temporary folder and renamed into place, so it appears whole or
 not at all. Every load verifies the sha256 of both files and refuses a mismatch
-with :class:`~service.errors.ChecksumError`.
+with :class:`~service.core.errors.ChecksumError`.
 
 Model names: 1-64 characters from ``[A-Za-z0-9._-]``, starting with a letter
 or digit, and never containing ``..``.
@@ -38,8 +38,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from service.card import METADATA_KEY, ModelCard
-from service.errors import (
+from service.core.card import METADATA_KEY, ModelCard
+from service.core.errors import (
+    BoundFileInvalid,
+    BoundFileMissing,
+    BoundFileStale,
     CardError,
     ChecksumError,
     InvalidName,
@@ -57,6 +60,7 @@ __all__ = [
     "sha256_file",
     "atomic_write_json",
     "read_json",
+    "read_bound_json",
     "LoadedVersion",
     "Stages",
     "ModelRepository",
@@ -128,6 +132,37 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, "rb") as fh:
         return json.loads(fh.read())
+
+
+def read_bound_json(version_dir: str | os.PathLike[str], name: str, sha256: str) -> dict[str, Any]:
+    """The JSON object ``version_dir/name`` when it is bound to the model ``sha256``.
+
+    The one reader of the files that describe a model version after it was stored
+    (``robustness.json``, ``gate.json``): each records the ``model_sha256`` it was made for.
+
+    Raises:
+        BoundFileMissing: the file does not exist.
+        BoundFileInvalid: unreadable, not JSON, or not a JSON object.
+        BoundFileStale: its ``model_sha256`` is not ``sha256``.
+    """
+    path = Path(version_dir) / name
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise BoundFileMissing(f"{path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise BoundFileInvalid(f"{path} is unreadable: {_one_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise BoundFileInvalid(f"{path} must hold a JSON object, not {type(data).__name__}")
+    recorded = data.get("model_sha256")
+    if recorded != sha256:
+        raise BoundFileStale(f"{path} is stale: it was made for another model (sha256 {str(recorded)[:12]}; "
+                             f"this version is {sha256[:12]})")
+    return data
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def _fsync_dir(path: Path) -> None:

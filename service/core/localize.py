@@ -17,7 +17,8 @@ Method:
    Only a *compact* object that clearly stands out is used. This path is OFF by default: on the
    200-photo ImageNet dev sample with lite0 it re-framed 2-7 photos, lowered top-1 by 1 point
    (0.895 -> 0.885) and raised pan P(top-1 change) (0.033 -> 0.038), the same lesson as
-   REFERENCE section 4's class-activation crops: zooming into natural scenes hurts. Enable it with
+   crops to a class-activation-map box (top-1 0.89 -> 0.82 on the same sample): zooming into natural
+   scenes hurts. Enable it with
    ``LocalizerConfig(saliency=True)`` to experiment.
 5. Objects smaller than ``min_fill`` of the centre crop are treated as specks (fallback).
 6. The square box has side ``max(w, h) / crop_pct`` (the object fills crop_pct of the side,
@@ -34,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from service.preprocess import Box, center_box, render
+from service.core.boxes import Box, center_box, render
 
 __all__ = ["LocalizerConfig", "object_box", "locate"]
 

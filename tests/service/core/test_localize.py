@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.localize import locate, object_box
-from service.preprocess import Box, center_box
+from service.core.localize import locate, object_box
+from service.core.boxes import Box, center_box
 
 MEAN = (127.0, 127.0, 127.0)
 

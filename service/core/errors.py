@@ -23,6 +23,10 @@ __all__ = [
     "Overloaded",
     "ChecksumError",
     "RepositoryError",
+    "BoundFileError",
+    "BoundFileMissing",
+    "BoundFileInvalid",
+    "BoundFileStale",
     "InvalidName",
     "CardError",
     "ExportError",
@@ -111,6 +115,23 @@ class ChecksumError(SteadyError):
 
 class RepositoryError(SteadyError):
     """The model repository is missing, inconsistent or cannot be written. HTTP 500."""
+
+
+class BoundFileError(RepositoryError):
+    """A JSON file in a version folder that is bound to the model's sha256 (robustness.json, gate.json)
+    cannot be used. Subclasses say why; the message is one line naming the file. HTTP 500, exit code 1."""
+
+
+class BoundFileMissing(BoundFileError):
+    """The bound file does not exist (e.g. the version was never scored or gated)."""
+
+
+class BoundFileInvalid(BoundFileError):
+    """The bound file is unreadable, not JSON, or not a JSON object."""
+
+
+class BoundFileStale(BoundFileError):
+    """The bound file was written for another model (its ``model_sha256`` differs)."""
 
 
 class InvalidName(InvalidInput):

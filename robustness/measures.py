@@ -1,4 +1,4 @@
-"""The metrics of REFERENCE section 2, as pure functions of predictions.
+"""The flip and accuracy measures, as pure functions of predictions.
 
 Each returns ``(sum, count)`` for one image so that :mod:`robustness.stats` can
 pool images and bootstrap over them; the metric's value is ``sum / count``.

@@ -9,8 +9,9 @@ image's pixel coordinates (floats) that is resampled to ``resolution`` x
 ``resolution`` in one Pillow call (``Image.resize(..., box=...)``). The
 ``center`` policy's box is exactly "resize the short side to
 round(resolution / crop_pct), centre-crop resolution"; the ``object`` policy's
-box comes from :mod:`service.localize`; robustness protocols shift or scale a
-box by whole *output* pixels.
+box comes from :mod:`service.core.localize`; robustness protocols shift or scale a
+box by whole *output* pixels. Box geometry and the resampling live in
+:mod:`service.core.boxes`.
 
 Example:
     >>> pre = Preprocessor(card)                                  # doctest: +SKIP
@@ -28,56 +29,26 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.card import ModelCard
-from service.errors import ImageTooLarge, InvalidInput, UnsupportedImage
+from service.core.boxes import Box, center_box, render
+from service.core.localize import object_box
+from service.core.card import ModelCard
+from service.core.errors import ImageTooLarge, InvalidInput, UnsupportedImage
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
-    "Box",
     "View",
+    "Prepared",
     "decode",
     "original_size",
     "to_original",
     "to_rgb",
-    "center_box",
-    "shift_box",
-    "zoom_box",
-    "render",
     "normalise",
     "Preprocessor",
 ]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: any phone photo; decompression bombs are refused
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO")
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
-@dataclass(frozen=True)
-class Box:
-    """A region in image pixel coordinates: [x0, x1) x [y0, y1), floats allowed."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-
-    @property
-    def width(self) -> float:
-        return self.x1 - self.x0
-
-    @property
-    def height(self) -> float:
-        return self.y1 - self.y0
-
-    def as_list(self, ndigits: int = 2) -> list[float]:
-        return [round(float(v), ndigits) for v in (self.x0, self.y0, self.x1, self.y1)]
 
 
 @dataclass(frozen=True)
@@ -88,12 +59,22 @@ class View:
     box: Box
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the model: the decoded image (for further views of it), the policy's box
+    and the normalised (3, R, R) float32 tensor."""
+
+    image: Image.Image
+    box: Box
+    tensor: np.ndarray
+
+
 # --------------------------------------------------------------------- decoding
 def decode(
     data: bytes,
     *,
+    background: Sequence[float],
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    background: Sequence[float] = (124, 116, 104),
     min_short_side: int | None = None,
 ) -> Image.Image:
     """Decode image bytes into an upright 8-bit RGB Pillow image.
@@ -166,7 +147,7 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def to_rgb(img: Image.Image, background: Sequence[float] = (124, 116, 104)) -> Image.Image:
+def to_rgb(img: Image.Image, background: Sequence[float]) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; alpha is composited onto ``background``."""
     mode = img.mode
     if mode == "RGB":
@@ -183,64 +164,6 @@ def to_rgb(img: Image.Image, background: Sequence[float] = (124, 116, 104)) -> I
         bg = Image.new("RGBA", rgba.size, tuple(int(round(c)) for c in background) + (255,))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return img.convert("RGB")
-
-
-# ------------------------------------------------------------------------ boxes
-def center_box(width: int, height: int, resolution: int, crop_pct: float) -> Box:
-    """Box of "resize short side to round(resolution / crop_pct), centre-crop resolution"."""
-    resize_to = round(resolution / crop_pct)
-    # torchvision's Resize keeps the aspect ratio with int() truncation on the long side
-    new_w = resize_to if width <= height else int(resize_to * width / height)
-    new_h = resize_to if height <= width else int(resize_to * height / width)
-    left = int(round((new_w - resolution) / 2.0))
-    top = int(round((new_h - resolution) / 2.0))
-    sx = width / new_w
-    sy = height / new_h
-    return Box(left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
-
-
-def shift_box(box: Box, dx: float, dy: float, resolution: int) -> Box:
-    """Move a box by (dx, dy) *output* pixels."""
-    px = box.width / resolution
-    py = box.height / resolution
-    return Box(box.x0 + dx * px, box.y0 + dy * py, box.x1 + dx * px, box.y1 + dy * py)
-
-
-def zoom_box(box: Box, zoom: float) -> Box:
-    """Scale a box about its centre; zoom > 1 magnifies (the box shrinks)."""
-    if zoom <= 0:
-        raise ValueError(f"zoom must be positive, got {zoom}")
-    cx = (box.x0 + box.x1) / 2
-    cy = (box.y0 + box.y1) / 2
-    hw = box.width / (2 * zoom)
-    hh = box.height / (2 * zoom)
-    return Box(cx - hw, cy - hh, cx + hw, cy + hh)
-
-
-def render(
-    img: Image.Image,
-    box: Box,
-    resolution: int,
-    interpolation: str = "bicubic",
-    background: Sequence[float] = (124, 116, 104),
-) -> np.ndarray:
-    """Resample ``box`` of ``img`` to a (resolution, resolution, 3) uint8 array.
-
-    Parts of the box outside the image are filled with ``background``.
-    """
-    resample = _RESAMPLE[interpolation]
-    w, h = img.size
-    if box.x0 < 0 or box.y0 < 0 or box.x1 > w or box.y1 > h:
-        pad_l = int(np.ceil(max(0.0, -box.x0)))
-        pad_t = int(np.ceil(max(0.0, -box.y0)))
-        pad_r = int(np.ceil(max(0.0, box.x1 - w)))
-        pad_b = int(np.ceil(max(0.0, box.y1 - h)))
-        canvas = Image.new("RGB", (w + pad_l + pad_r, h + pad_t + pad_b), tuple(int(round(c)) for c in background))
-        canvas.paste(img, (pad_l, pad_t))
-        img = canvas
-        box = Box(box.x0 + pad_l, box.y0 + pad_t, box.x1 + pad_l, box.y1 + pad_t)
-    out = img.resize((resolution, resolution), resample, box=(box.x0, box.y0, box.x1, box.y1))
-    return np.asarray(out, dtype=np.uint8)
 
 
 def normalise(pixels: np.ndarray | Sequence[np.ndarray], card: ModelCard) -> np.ndarray:
@@ -308,8 +231,6 @@ class Preprocessor:
     def box(self, img: Image.Image) -> Box:
         """The policy's box for this image."""
         if self.policy == "object":
-            from service.localize import object_box
-
             return object_box(img, crop_pct=self.card.crop_pct, background=self.background, resolution=self.resolution)
         return center_box(img.size[0], img.size[1], self.resolution, self.card.crop_pct)
 
@@ -323,6 +244,20 @@ class Preprocessor:
 
     def to_tensor(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         return normalise(pixels, self.card)
+
+    def tensor(self, img: Image.Image, box: Box | None = None) -> np.ndarray:
+        """The (3, R, R) tensor of ``box`` (default: the policy's box) of a decoded image."""
+        return self.to_tensor(self.view(img, box).pixels[None])[0]
+
+    def process(self, data: bytes) -> Prepared:
+        """Bytes -> decoded image, the policy's box and its tensor (what the service keeps per request)."""
+        img = self.decode(data)
+        view = self.view(img)
+        return Prepared(img, view.box, self.to_tensor(view.pixels[None])[0])
+
+    def batch(self, images: Sequence[bytes]) -> np.ndarray:
+        """Encoded images -> one (N, 3, R, R) float32 batch of the policy's views."""
+        return self.to_tensor([self.prepare(data).pixels for data in images])
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Bytes -> a (1, 3, R, R) float32 tensor."""

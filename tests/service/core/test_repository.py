@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ChecksumError, InvalidName, ModelNotFound, RepositoryError, VersionNotFound
-from service.repository import ModelRepository, parse_version, validate_name
+from service.core.errors import ChecksumError, InvalidName, ModelNotFound, RepositoryError, VersionNotFound
+from service.core.repository import ModelRepository, parse_version, validate_name
 from tests.conftest import tiny_card
 
 
@@ -134,3 +134,24 @@ def test_concurrent_writers_get_distinct_versions(tmp_path: Path, tiny_onnx: byt
     assert repo.versions("tiny") == list(range(1, 10))
     for v in range(1, 10):
         assert repo.load("tiny", v).card.version == v
+
+
+def test_read_bound_json_is_the_one_reader(tiny_repo: ModelRepository) -> None:
+    from service.core.errors import BoundFileInvalid, BoundFileMissing, BoundFileStale
+    from service.core.repository import atomic_write_json, read_bound_json
+
+    vdir = tiny_repo.version_dir("tiny", 1)
+    sha = tiny_repo.verify("tiny", 1)
+    with pytest.raises(BoundFileMissing, match="does not exist"):
+        read_bound_json(vdir, "gate.json", sha)
+    (vdir / "gate.json").write_text("[1]")
+    with pytest.raises(BoundFileInvalid, match="JSON object, not list"):
+        read_bound_json(vdir, "gate.json", sha)
+    (vdir / "gate.json").write_text("{")
+    with pytest.raises(BoundFileInvalid, match="unreadable"):
+        read_bound_json(vdir, "gate.json", sha)
+    atomic_write_json(vdir / "gate.json", {"model_sha256": "0" * 64})
+    with pytest.raises(BoundFileStale, match="another model"):
+        read_bound_json(vdir, "gate.json", sha)
+    atomic_write_json(vdir / "gate.json", {"model_sha256": sha, "decision": "pass"})
+    assert read_bound_json(vdir, "gate.json", sha)["decision"] == "pass"

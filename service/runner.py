@@ -1,37 +1,22 @@
-"""``steady serve``: start (or join) Ray, deploy every served model, run until interrupted."""
+"""Run the service in this process: start (or join) Ray, deploy the application, wait until ready, stop.
+
+``steady serve`` (:mod:`service.cli.serve`) and the test fixtures call these; a subprocess
+``steady serve`` is driven by :mod:`service.launcher`.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
-import sys
 import threading
 import time
 from typing import Any
 
-from service.errors import SteadyError
+from service.core.errors import SteadyError
 
-__all__ = ["register", "start_ray", "run_service", "stop_service", "proxy_environment"]
+__all__ = ["start_ray", "run_service", "stop_service", "proxy_environment", "preflight", "client_host",
+           "wait_ready"]
 
 CONTROL_LOOP_INTERVAL_S = "0.5"  # Ray Serve controller loop period when Steady starts Ray (Ray's default: 0.1)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``steady serve`` to the ``steady`` parser."""
-    p = sub.add_parser(
-        "serve",
-        help="serve the repository's models over HTTP (REST + KServe V2) with Ray Serve",
-        description="Deploy every model's production version (and candidate) from the repository with Ray Serve; "
-                    "runs in the foreground until Ctrl-C or SIGTERM.",
-    )
-    p.add_argument("--repo", help="model repository folder (or `repo:` in the config)")
-    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port of Ray's agent (default 8080)")
-    p.add_argument("--config", help="YAML settings file (see service/settings.py and deploy/serve.yaml)")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
-    p.set_defaults(func=_cmd_serve)
 
 
 def proxy_environment(proxy: str) -> dict[str, str]:
@@ -74,7 +59,7 @@ def run_service(settings: Any) -> float:
     start = time.perf_counter()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=settings.app_name, route_prefix="/", blocking=False)
-    _wait_ready(f"http://{_client_host(settings.host)}:{settings.port}/v2/health/ready", timeout=120)
+    wait_ready(f"http://{client_host(settings.host)}:{settings.port}/v2/health/ready", timeout=120)
     return time.perf_counter() - start
 
 
@@ -97,11 +82,11 @@ def stop_service(timeout_s: float = 8.0) -> None:
     ray.shutdown()
 
 
-def _client_host(host: str) -> str:
+def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _wait_ready(url: str, timeout: float) -> None:
+def wait_ready(url: str, timeout: float) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -129,9 +114,9 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _preflight(settings: Any) -> list[tuple[str, int]]:
+def preflight(settings: Any) -> list[tuple[str, int]]:
     """Verify in the driver what the replicas will load, to fail fast with a clear message."""
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     if not settings.ray_address:
         # a busy metrics port makes Ray's agent (and with it the raylet) die during ray.init
@@ -156,50 +141,3 @@ def _preflight(settings: Any) -> list[tuple[str, int]]:
     return served
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.settings import ServeSettings
-
-    t0 = time.perf_counter()
-    settings = ServeSettings.build(
-        args.repo,
-        config=args.config,
-        overrides={"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-                   "ray_address": args.ray_address},
-    )
-    served = _preflight(settings)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    start_ray(settings)
-    # after ray.init, which installs its own SIGTERM handler
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    import ray
-    from ray import serve
-
-    try:
-        run_service(settings)
-        ready_s = time.perf_counter() - t0
-        base = f"http://{_client_host(settings.host)}:{settings.port}"
-        name, _ = served[0]
-        print(f"steady: serving {', '.join(f'{m} v{v}' for m, v in served)} (ready in {ready_s:.1f} s)")
-        print(f"  REST      {base}/v1/models/{{model}}:classify   (models: {base}/v1/models)")
-        print(f"  KServe V2 {base}/v2/models/{{model}}/infer      (ready: {base}/v2/health/ready)")
-        print(f"  metrics   http://{_client_host(settings.host)}:{settings.metrics_port}/metrics")
-        print(f"  try:      curl -s -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
-              f"'{base}/v1/models/{name}:classify?top_k=3'")
-        print("  Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("steady: shutting down", file=sys.stderr, flush=True)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if settings.ray_address:
-            if ray.is_initialized():
-                serve.delete(settings.app_name)  # leave the shared cluster and its Serve running
-                ray.shutdown()
-        else:
-            stop_service()
-    return 0

@@ -23,13 +23,10 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,11 +37,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from service.errors import SteadyError
+from service.core.errors import SteadyError
+from service.core.images import IMAGE_SUFFIXES, is_image_file
+from service.launcher import ServeProcess
 
-__all__ = ["BenchOptions", "register", "bench_serve", "latency_summary", "format_report", "make_large_photos", "descendants"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+__all__ = ["BenchOptions", "bench_serve", "latency_summary", "format_report", "make_large_photos", "memory_of",
+           "cpu_times", "cpu_share"]
 CEILING_BATCH_SIZES = (1, 4, 8, 16)
 LARGE_SIZE = (4000, 3000)  # 12 MP, a phone photo
 
@@ -111,7 +109,7 @@ def image_paths(folder: str | os.PathLike[str], limit: int) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise SteadyError(f"image folder {folder} does not exist")
-    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.iterdir() if is_image_file(p))
     if not paths:
         raise SteadyError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return paths[:limit]
@@ -143,16 +141,15 @@ class Ceiling:
     """The in-process pipeline a user would write: decode + preprocess + ONNX Runtime, one thread."""
 
     def __init__(self, repo_root: str, model: str, version: int, settings: Any) -> None:
-        from service.dataplane import load_version
-        from service.repository import ModelRepository
+        from service.catalog import load_version
+        from service.core.repository import ModelRepository
 
         self.served = load_version(ModelRepository(repo_root), model, version, "production", settings)
         self.decode_threads = int(settings.decode_threads)
 
     def _batch(self, bodies: Sequence[bytes]) -> np.ndarray:
         pre = self.served.pre
-        tensor = pre.to_tensor([pre.view(pre.decode(b)).pixels for b in bodies])
-        return self.served.classifier.logits(tensor)
+        return self.served.classifier.logits(pre.batch(bodies))
 
     def top1(self, bodies: Sequence[bytes]) -> list[int]:
         return [int(np.argmax(self._batch([b])[0])) for b in bodies]
@@ -195,7 +192,7 @@ class Ceiling:
         pre, clf = self.served.pre, self.served.classifier
 
         def pixels(body: bytes) -> np.ndarray:
-            return pre.view(pre.decode(body)).pixels
+            return pre.prepare(body).pixels
 
         with ThreadPoolExecutor(self.decode_threads) as pool:
             i = 0
@@ -225,141 +222,51 @@ def _rate(mode: str, images: int, seconds: float, cpu_s: float) -> dict[str, Any
     return {"mode": mode, "images_per_s": round(images / seconds, 2), "cpu_ms_per_image": round(1000 * cpu_s / images, 2)}
 
 
-# ------------------------------------------------------------------------ the service
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float = 2.0) -> int:
-    import httpx
-
+# ------------------------------------------------------------------------ the service's processes
+def _name(proc: Any) -> str:
+    """A short, stable name for a process of the service (Ray names its workers ``ray::<Actor>``)."""
     try:
-        return httpx.get(url, timeout=timeout).status_code
-    except httpx.HTTPError:
-        return 0
-
-
-class ServiceProcess:
-    """``steady serve`` in a subprocess (its own process group), timed until ``/v2/health/ready``."""
-
-    def __init__(self, repo: str, config: str | None, log_path: Path) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--repo", repo, "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port)]
-        if config:
-            cmd += ["--config", config]
-        env = dict(os.environ)
-        # HAProxy's stats/metrics ports are fixed by default: keep this instance apart from others
-        env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-        env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.ready_s: float | None = None
-
-    def wait_ready(self, timeout: float = 180.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SteadyError(f"steady serve exited with {self.proc.returncode}: see {self.log_path}\n"
-                                  + self.log_path.read_text(errors="replace")[-2000:])
-            if _get(f"{self.base}/v2/health/ready", 1.0) == 200:
-                self.ready_s = time.perf_counter() - self.started
-                return self.ready_s
-            time.sleep(0.1)
-        raise SteadyError(f"steady serve not ready after {timeout:.0f} s: see {self.log_path}")
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant PID of ``pid`` (Linux /proc), children first."""
-    children = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _proc_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
+        argv = proc.cmdline()
+    except Exception:  # noqa: BLE001 - gone or not ours
         return "?"
-    first = argv[0].decode(errors="replace").strip()
+    first = (argv[0] if argv else proc.name()).strip()
     if first.startswith("ray::"):
         return first.split(" ")[0][:48]
     name = os.path.basename(first.split(" ")[0])
     if name.startswith("python") and len(argv) > 1:
-        script = next((a.decode(errors="replace") for a in argv[1:] if a and not a.startswith(b"-")), "")
+        script = next((a for a in argv[1:] if a and not a.startswith("-")), "")
         return f"python {os.path.basename(script)}"[:48]
     return name[:48]
 
 
-def memory_of(pids: Sequence[int]) -> dict[str, Any]:
-    """PSS (shared pages split between processes) and RSS summed over ``pids``, in MB."""
+def memory_of(procs: Sequence[Any]) -> dict[str, Any]:
+    """PSS (shared pages split between processes) and RSS summed over ``procs`` (psutil), in MB."""
     pss = rss = 0
     counted = 0
     per: dict[str, float] = {}
-    for pid in pids:
+    for proc in procs:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in ("Rss", "Pss")}
-        except (OSError, ValueError, IndexError):
+            mem = proc.memory_full_info()
+        except Exception:  # noqa: BLE001 - gone, or not readable
             continue
         counted += 1
-        pss += fields.get("Pss", 0)
-        rss += fields.get("Rss", 0)
-        name = _proc_name(pid)
-        per[name] = per.get(name, 0.0) + fields.get("Pss", 0) / 1024
-    return {"pss_mb": round(pss / 1024, 1), "rss_sum_mb": round(rss / 1024, 1), "processes": counted,
+        pss += mem.pss
+        rss += mem.rss
+        name = _name(proc)
+        per[name] = per.get(name, 0.0) + mem.pss / 2**20
+    return {"pss_mb": round(pss / 2**20, 1), "rss_sum_mb": round(rss / 2**20, 1), "processes": counted,
             "pss_mb_by_process": {k: round(v, 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}}
 
 
-def cpu_times(pids: Sequence[int]) -> dict[int, tuple[str, float]]:
+def cpu_times(procs: Sequence[Any]) -> dict[int, tuple[str, float]]:
     """pid -> (name, user + system CPU seconds)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
-    for pid in pids:
+    for proc in procs:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            t = proc.cpu_times()
+        except Exception:  # noqa: BLE001 - gone
             continue
-        out[pid] = (_proc_name(pid), (int(fields[11]) + int(fields[12])) / tick)
+        out[proc.pid] = (_name(proc), t.user + t.system)
     return out
 
 
@@ -491,7 +398,7 @@ def _check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -
 
 
 def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ceiling, url: str,
-               service: ServiceProcess | None, workdir: Path, log: Any) -> dict[str, Any]:
+               service: ServeProcess | None, workdir: Path, log: Any) -> dict[str, Any]:
     bodies = [p.read_bytes() for p in paths]
     client = opts.client if opts.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     log(f"[{name}] {len(paths)} images, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; client {client}")
@@ -499,7 +406,7 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     single_before = ceiling.single_latency(bodies[: min(len(bodies), 32)])
     log(f"[{name}] served top-1 == in-process top-1 on {agreement:.1%}; in-process single image p50 "
         f"{single_before['p50_ms']} ms")
-    pids = service.pids() if service else []
+    pids = service.processes() if service else []
     idle0, t_idle = cpu_times(pids), time.perf_counter()
     sweep = {b: ceiling.throughput(bodies, b, opts.ceiling_s / 2) for b in CEILING_BATCH_SIZES}
     idle = cpu_share(idle0, cpu_times(pids), time.perf_counter() - t_idle) if service else None  # no traffic
@@ -516,7 +423,7 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     runs = []
     before = ceiling.throughput(bodies, best, opts.ceiling_s)
     for c in opts.concurrency:
-        pids = service.pids() if service else []
+        pids = service.processes() if service else []
         cpu0, t0 = cpu_times(pids), time.perf_counter()
         served = load(c, opts.duration_s)
         seconds = time.perf_counter() - t0
@@ -557,7 +464,7 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
 
 def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
     """Start (or reach) the service, measure served and ceiling side by side; the result document."""
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     repo = ModelRepository(opts.repo)
@@ -567,17 +474,19 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
     load_avg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="steady-bench-") as tmp:
         workdir = Path(tmp)
-        service: ServiceProcess | None = None
+        service: ServeProcess | None = None
         memory: dict[str, Any] | None = None
         try:
             if opts.url:
                 base = opts.url.rstrip("/")
-                if _get(f"{base}/v2/health/ready", 5.0) != 200:
+                import httpx
+
+                if httpx.get(f"{base}/v2/health/ready", timeout=5.0).status_code != 200:
                     raise SteadyError(f"{base}/v2/health/ready is not 200")
                 ready_s = None
             else:
                 log("starting steady serve ...")
-                service = ServiceProcess(str(opts.repo), opts.config, workdir / "serve.log")
+                service = ServeProcess.start({"repo": str(opts.repo)}, workdir / "serve.log", config=opts.config)
                 ready_s = service.wait_ready()
                 base = service.base
                 log(f"ready in {ready_s:.1f} s (from launching `steady serve` to /v2/health/ready == 200)")
@@ -585,7 +494,7 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
             ceiling = Ceiling(str(opts.repo), opts.model, version, settings)
             sets = [_image_set("photos", paths, opts, ceiling, url, service, workdir, log)]
             if service:
-                memory = memory_of(service.pids())
+                memory = memory_of(service.processes())
                 log(f"service memory: PSS {memory['pss_mb']} MB over {memory['processes']} processes "
                     f"(RSS sum {memory['rss_sum_mb']} MB)")
             if opts.large:
@@ -593,12 +502,13 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
                 large = make_large_photos(paths, workdir / "large", opts.large_images)
                 sets.append(_image_set("large-12mp", large, opts, ceiling, url, service, workdir, log))
             if service:
-                after = memory_of(service.pids())
+                after = memory_of(service.processes())
                 if memory is None or after["pss_mb"] > memory["pss_mb"]:
                     memory = after
         finally:
             if service:
                 service.stop()
+                service.cleanup()
     return {
         "model": opts.model, "version": version, "url": opts.url or "started by the benchmark",
         "settings": {k: getattr(settings, k) for k in ("max_batch_size", "batch_wait_timeout_s", "ort_threads",
@@ -638,46 +548,3 @@ def format_report(doc: dict[str, Any]) -> str:
                          f"{r['non_2xx'] + r['socket_errors']:>6} {r['client_cpu']:>7.3f} "
                          f"{str(r['service_cpu_ms_per_image']) + ' / ' + str(r['ceiling_cpu_ms_per_image']):>20}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------ CLI
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``steady bench serve`` beside ``steady bench score``."""
-    from robustness.cli import bench_subparsers
-
-    p = bench_subparsers(sub).add_parser(
-        "serve", help="served images/s vs the in-process ceiling, latency, ready time, memory",
-        description="Start `steady serve` (or use --url), drive it over HTTP with wrk and measure, in the same "
-                    "run, the in-process ceiling (decode + preprocess + ONNX Runtime, best batch size).")
-    p.add_argument("--repo", required=True, help="model repository folder")
-    p.add_argument("model", help="model name")
-    p.add_argument("--version", type=int, help="version (default: production)")
-    p.add_argument("--data", required=True, help="folder of images (JPEG photos)")
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated connection counts (default 1,8,32)")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per served run (default 15)")
-    p.add_argument("--url", help="base URL of a running service (default: start one)")
-    p.add_argument("--config", help="settings YAML for the started service (and the ceiling's thread counts)")
-    p.add_argument("--max-images", type=int, default=64, help="images cycled through (default 64)")
-    p.add_argument("--large", action="store_true", help="also run with 12 MP JPEGs generated into a temp dir")
-    p.add_argument("--large-images", type=int, default=8, help="how many 12 MP JPEGs (default 8)")
-    p.add_argument("--ceiling-seconds", type=float, default=4.0, help="seconds per ceiling measurement (default 4)")
-    p.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto", help="load generator")
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    p.add_argument("--out", help="also write the JSON to this file")
-    p.set_defaults(func=_cmd_bench_serve)
-
-
-def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    try:
-        concurrency = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
-    except ValueError as exc:
-        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from exc
-    opts = BenchOptions(repo=args.repo, model=args.model, version=args.version, data=args.data,
-                        concurrency=concurrency, duration_s=args.duration, url=args.url, config=args.config,
-                        max_images=args.max_images, large=args.large, large_images=args.large_images,
-                        ceiling_s=args.ceiling_seconds, client=args.client)
-    doc = bench_serve(opts)
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc, indent=2) if args.json else format_report(doc))
-    return 0

@@ -6,20 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import ImageTooLarge, InvalidInput, UnsupportedImage
-from service.preprocess import (
-    Box,
-    Preprocessor,
-    center_box,
-    decode,
-    normalise,
-    original_size,
-    render,
-    shift_box,
-    to_original,
-    zoom_box,
-)
-from tests.conftest import encode, tiny_card
+from service.core.errors import ImageTooLarge, InvalidInput, UnsupportedImage
+from service.core.boxes import Box, center_box, render, shift_box, zoom_box
+from service.core.preprocess import Preprocessor, decode, normalise, original_size, to_original
+from tests.conftest import BACKGROUND, encode, tiny_card
 
 
 def _two_step_center(img: Image.Image, resolution: int, crop_pct: float) -> np.ndarray:
@@ -36,14 +26,14 @@ def _two_step_center(img: Image.Image, resolution: int, crop_pct: float) -> np.n
 @pytest.mark.parametrize("resolution", [224, 196, 291])
 def test_center_policy_equals_resize_then_centre_crop(coffee: np.ndarray, resolution: int) -> None:
     img = Image.fromarray(coffee)
-    ours = render(img, center_box(*img.size, resolution, 0.875), resolution, "bicubic")
+    ours = render(img, center_box(*img.size, resolution, 0.875), resolution, "bicubic", BACKGROUND)
     ref = _two_step_center(img, resolution, 0.875)
     assert ours.shape == (resolution, resolution, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
 
 def test_golden_values_of_the_center_view(coffee: np.ndarray) -> None:
-    view = render(Image.fromarray(coffee), center_box(600, 400, 224, 0.875), 224, "bicubic")
+    view = render(Image.fromarray(coffee), center_box(600, 400, 224, 0.875), 224, "bicubic", BACKGROUND)
     # golden: pixels of skimage's coffee through resize 256 + centre crop 224, bicubic (Pillow)
     ref = _two_step_center(Image.fromarray(coffee), 224, 0.875)
     np.testing.assert_allclose(view.mean(axis=(0, 1)), ref.mean(axis=(0, 1)), atol=0.05)
@@ -69,7 +59,7 @@ def test_exif_orientation_is_applied(coffee: np.ndarray) -> None:
     exif[0x0112] = 6  # rotate 90 CW on display
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
-    out = decode(buf.getvalue())
+    out = decode(buf.getvalue(), background=BACKGROUND)
     assert out.size == (400, 600)
     upright = np.asarray(Image.fromarray(coffee).transpose(Image.Transpose.ROTATE_270))
     assert np.abs(np.asarray(out).astype(int) - upright.astype(int)).mean() < 3
@@ -88,7 +78,7 @@ def test_every_mode_becomes_rgb(coffee: np.ndarray, mode: str) -> None:
         fmt = "JPEG" if mode in ("CMYK", "YCbCr") else "PNG"
     if mode == "YCbCr":
         src = img
-    out = decode(encode(src, fmt))
+    out = decode(encode(src, fmt), background=BACKGROUND)
     assert out.mode == "RGB" and out.size == (60, 40)
     if mode == "I;16":
         gray = np.asarray(img.convert("L")).astype(int)
@@ -112,10 +102,10 @@ def test_gif_first_frame_webp_bmp(coffee: np.ndarray) -> None:
     b = Image.fromarray(np.full((16, 16, 3), 20, np.uint8))
     buf = io.BytesIO()
     a.save(buf, "GIF", save_all=True, append_images=[b], duration=50, loop=0)
-    first = np.asarray(decode(buf.getvalue()))
+    first = np.asarray(decode(buf.getvalue(), background=BACKGROUND))
     assert first.mean() > 150
     for fmt in ("WEBP", "BMP"):
-        assert decode(encode(coffee, fmt)).size == (600, 400)
+        assert decode(encode(coffee, fmt), background=BACKGROUND).size == (600, 400)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -130,28 +120,28 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     bomb = _png_header_only(100_000, 100_000)
     assert len(bomb) < 200
     with pytest.raises(ImageTooLarge, match="pixel"):
-        decode(bomb)
+        decode(bomb, background=BACKGROUND)
     with pytest.raises(ImageTooLarge):
-        decode(encode(np.zeros((100, 100, 3), np.uint8), "PNG"), max_pixels=9_999)
+        decode(encode(np.zeros((100, 100, 3), np.uint8), "PNG"), max_pixels=9_999, background=BACKGROUND)
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00" * 10, b"not an image at all", b"GIF89a\x01"])
 def test_garbage_is_unsupported(data: bytes) -> None:
     with pytest.raises(UnsupportedImage):
-        decode(data)
+        decode(data, background=BACKGROUND)
 
 
 def test_truncated_jpeg_and_png_are_refused(coffee: np.ndarray) -> None:
     for fmt in ("JPEG", "PNG"):
         data = encode(coffee, fmt)
         with pytest.raises(UnsupportedImage):
-            decode(data[: len(data) // 2])
+            decode(data[: len(data) // 2], background=BACKGROUND)
 
 
 def test_reduced_decode_keeps_enough_pixels_and_reports_the_original_box(coffee: np.ndarray) -> None:
     big = Image.fromarray(coffee).resize((2400, 1600), Image.Resampling.BICUBIC)
     data = encode(big, "JPEG", quality=90)
-    small = decode(data, min_short_side=256)
+    small = decode(data, min_short_side=256, background=BACKGROUND)
     assert min(small.size) >= 256 and small.size[0] < 2400
     assert original_size(small) == (2400, 1600)
     box = to_original(center_box(*small.size, 224, 0.875), small)

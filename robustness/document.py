@@ -1,0 +1,63 @@
+"""Score a stored model version into its ``robustness.json`` document.
+
+The document binds the scores to the exact model (``model_sha256``) and data (``data.fingerprint``);
+:mod:`robustness.schema` describes its structure and :mod:`robustness.gate` reads it back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from robustness.data import Dataset, load_dataset
+from robustness.schema import ROBUSTNESS_SCHEMA_VERSION
+from robustness.scorer import (ScoreOptions, aggregate, choose, iter_progress, run_local, run_ray, summary,
+                               summary_ci95)
+from service.core.card import steady_version
+
+__all__ = ["score_version"]
+
+
+def score_version(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
+                         seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
+                         progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Dataset]:
+    """Score a stored version and return the robustness.json document (and the dataset)."""
+
+    loaded = repo.load(model, version)
+    card = loaded.card
+    dataset = load_dataset(data, labels, max_images)
+    options = ScoreOptions(batch_size=batch_size)
+    with iter_progress(len(dataset.items), progress) as bar:
+        if workers > 0 or ray_address:
+            records, timing = run_ray(loaded.onnx_bytes, card, dataset, config, seed, options, max(workers, 1),
+                                      ray_address, bar.update)
+        else:
+            records, timing = run_local(loaded.onnx_bytes, card, dataset, config, seed, options, bar.update)
+    result = aggregate(records, card, config, seed, dataset.labelled)
+    chosen = choose(result, card, config)
+    flat = summary(result, chosen, card)
+    doc = {
+        "schema_version": ROBUSTNESS_SCHEMA_VERSION,
+        "model": model,
+        "version": version,
+        "model_sha256": loaded.sha256,
+        "card": {"train_resolution": card.train_resolution, "test_resolution": card.resolution,
+                 "crop_pct": card.crop_pct, "interpolation": card.interpolation, "policy": card.policy},
+        "data": {"path": str(Path(data).resolve()), "fingerprint": dataset.fingerprint,
+                 "images": len(dataset.items), "labelled": dataset.labelled},
+        "seed": seed,
+        "config": config.to_dict(),
+        "accuracy": result["accuracy"],
+        "protocols": result["protocols"],
+        "summary": flat,
+        "summary_ci95": summary_ci95(result, chosen, card),
+        "chosen": chosen,
+        "most_flipping": result["most_flipping"],
+        "timing": {"seconds": round(timing["seconds"], 3), "evaluations": int(timing["evaluations"]),
+                   "evaluations_per_s": round(timing["evaluations"] / max(timing["seconds"], 1e-9), 2),
+                   "workers": workers or None, "ray_address": ray_address},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "steady_version": steady_version(),
+    }
+    return doc, dataset

@@ -1,0 +1,79 @@
+"""``steady serve``: start (or join) Ray, deploy every served model, run until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``steady serve`` to the ``steady`` parser."""
+    p = sub.add_parser(
+        "serve",
+        help="serve the repository's models over HTTP (REST + KServe V2) with Ray Serve",
+        description="Deploy every model's production version (and candidate) from the repository with Ray Serve; "
+                    "runs in the foreground until Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("--repo", help="model repository folder (or `repo:` in the config)")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port of Ray's agent (default 8080)")
+    p.add_argument("--config", help="YAML settings file (see service/settings.py and deploy/serve.yaml)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.runner import client_host, preflight, run_service, start_ray, stop_service
+    from service.settings import ServeSettings
+
+    t0 = time.perf_counter()
+    settings = ServeSettings.build(
+        args.repo,
+        config=args.config,
+        overrides={"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+                   "ray_address": args.ray_address},
+    )
+    served = preflight(settings)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    start_ray(settings)
+    # after ray.init, which installs its own SIGTERM handler
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    import ray
+    from ray import serve
+
+    try:
+        run_service(settings)
+        ready_s = time.perf_counter() - t0
+        base = f"http://{client_host(settings.host)}:{settings.port}"
+        name, _ = served[0]
+        print(f"steady: serving {', '.join(f'{m} v{v}' for m, v in served)} (ready in {ready_s:.1f} s)")
+        print(f"  REST      {base}/v1/models/{{model}}:classify   (models: {base}/v1/models)")
+        print(f"  KServe V2 {base}/v2/models/{{model}}/infer      (ready: {base}/v2/health/ready)")
+        print(f"  metrics   http://{client_host(settings.host)}:{settings.metrics_port}/metrics")
+        print(f"  try:      curl -s -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
+              f"'{base}/v1/models/{name}:classify?top_k=3'")
+        print("  Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("steady: shutting down", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if settings.ray_address:
+            if ray.is_initialized():
+                serve.delete(settings.app_name)  # leave the shared cluster and its Serve running
+                ray.shutdown()
+        else:
+            stop_service()
+    return 0
