@@ -135,12 +135,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
     async def classify(request: Request) -> Response:
         model = request.path_params["model"]
         content_type = request.headers.get("content-type", "")
-        media = content_type.split(";", 1)[0].strip().lower()
-        if not (media.startswith("image/") or media in ("application/octet-stream", "multipart/form-data")):
-            raise UnsupportedMediaType(
-                f"unsupported Content-Type {content_type[:60]!r}: send the image with Content-Type image/* "
-                "or as multipart/form-data field 'image'"
-            )
+        media = _image_media(request)
         top_raw = request.query_params.get("top_k", "5")
         if not (top_raw.isascii() and top_raw.isdigit()) or len(top_raw) > 4:  # "²".isdigit() is True
             raise InvalidInput(f"top_k must be a positive integer, got {top_raw[:20]!r}")
