@@ -111,20 +111,19 @@ class ServeProcess:
 
     def wait_ready(self, timeout: float = 180.0) -> float:
         """Seconds from launch until ``/v2/health/ready`` answered 200; raises when it exits or times out."""
-        import httpx
+        from service.runner import wait_ready
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SteadyError(f"steady serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.base}/v2/health/ready", timeout=2.0).status_code == 200:
-                    self.ready_s = time.perf_counter() - self.started
-                    return self.ready_s
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SteadyError(f"steady serve not ready after {timeout:.0f} s:\n{self.tail()}")
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"steady serve exited with {self.proc.returncode}:\n{self.tail()}"
+
+        try:
+            wait_ready(f"{self.base}/v2/health/ready", timeout, failed=exited)
+        except SteadyError as exc:
+            raise SteadyError(f"{exc}\n{self.tail()}" if self.proc.poll() is None else str(exc)) from None
+        self.ready_s = time.perf_counter() - self.started
+        return self.ready_s
 
     def processes(self) -> list[Any]:
         """The main process and every live descendant (``psutil.Process`` objects)."""

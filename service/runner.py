@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from service.core.errors import SteadyError
 
@@ -86,12 +86,19 @@ def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def wait_ready(url: str, timeout: float) -> None:
+def wait_ready(url: str, timeout: float, failed: Callable[[], str | None] | None = None) -> None:
+    """Poll ``url`` (``/v2/health/ready``) until it answers 200.
+
+    ``failed()`` is asked before every poll; a message from it ends the wait with that error (the
+    launcher uses it to notice that its ``steady serve`` child exited).
+    """
     import httpx
 
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
+        if failed is not None and (reason := failed()):
+            raise SteadyError(reason)
         try:
             r = httpx.get(url, timeout=2.0)
             if r.status_code == 200:
