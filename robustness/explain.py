@@ -37,7 +37,7 @@ from PIL import Image
 
 from service.core.boxes import Box, center_box, shift_box
 from service.core.localize import locate, object_box
-from service.core.preprocess import Preprocessor, View
+from service.core.preprocess import Preprocessor
 from service.core.runtime import Classifier, softmax
 
 __all__ = [
@@ -144,7 +144,7 @@ class OcclusionConfig:
 
 
 def _fill(background: Sequence[float]) -> np.ndarray:
-    return np.asarray([int(round(c)) for c in background], dtype=np.uint8)
+    return np.asarray([round(c) for c in background], dtype=np.uint8)
 
 
 def occluded(pixels: np.ndarray, grid: Grid, fill: Sequence[float], cells: Iterable[int]) -> np.ndarray:
@@ -197,7 +197,7 @@ class OcclusionMap:
     def top1_probability(self) -> np.ndarray:
         return np.max(self.probs, axis=-1)
 
-    def with_classes(self, classes: Sequence[int]) -> "OcclusionMap":
+    def with_classes(self, classes: Sequence[int]) -> OcclusionMap:
         """The same evaluations, about other classes of interest."""
         return replace(self, classes=_checked(classes, self.base.shape[0]))
 

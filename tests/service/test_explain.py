@@ -140,6 +140,6 @@ def test_explain_feeds_the_batch_queue_in_chunks(tiny_repo: ModelRepository, pho
     settings = ServeSettings.build(tiny_repo.root, environ={}, overrides={"live_fraction": 0.0, "max_batch_size": 4})
     plane = DataPlane(settings, tiny_repo, Metrics("memory"), infer=infer)
     plane.load_all()
-    served, doc, picture = asyncio.run(plane.explain("tiny", photo))
+    _, doc, picture = asyncio.run(plane.explain("tiny", photo))
     assert picture is None and calls == doc["grid"]["evaluations"] == 197
     assert peak == 4
