@@ -69,6 +69,8 @@ class ServeSettings(BaseModel):
         admin_token: bearer token of ``/v1/admin/*``; admin endpoints are off without one.
         retry_after_s: Retry-After of 503 answers.
         seed: seed of the traffic sampler (None: random).
+        max_explain_inflight: per replica, ``:explain`` requests in flight (each costs ~170 inferences at
+            224 px); over it an explain gets 503 + Retry-After while ``:classify`` keeps its own ``max_inflight``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,6 +110,7 @@ class ServeSettings(BaseModel):
     admin_token: str | None = Field(None, repr=False, min_length=8)
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
+    max_explain_inflight: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
