@@ -63,14 +63,23 @@ def _evaluate_followups(classifier: Classifier, card: ModelCard, plans: Sequence
         stage.append(extra)
     evaluations, seconds = 0, 0.0
     for entries, tensor in _batches(stage, card, batch_size):
-        t1 = time.perf_counter()
-        logits = classifier.logits(tensor)
-        seconds += time.perf_counter() - t1
+        seconds += _infer_into(classifier, entries, tensor, probs)
         evaluations += len(entries)
-        p = softmax(logits.astype(np.float64))
-        for j, (i, key) in enumerate(entries):
-            probs[i][key] = p[j]
     return evaluations, seconds
+
+
+def _infer_into(classifier: Classifier, entries: list[tuple[int, Any]], tensor: np.ndarray,
+                probs: list[dict[Any, np.ndarray]]) -> float:
+    """Run one batch and store each entry's softmax row in ``probs[image][key]``; returns ORT seconds."""
+    t1 = time.perf_counter()
+    logits = classifier.logits(tensor)
+    seconds = time.perf_counter() - t1
+    p = softmax(logits.astype(np.float64))
+    for j, (i, key) in enumerate(entries):
+        while len(probs) <= i:
+            probs.append({})
+        probs[i][key] = p[j]
+    return seconds
 
 
 def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> Iterable[tuple[list[tuple[int, Any]], np.ndarray]]:
@@ -164,15 +173,8 @@ def score_items(
                 break
             if kind == "batch":
                 entries, tensor = payload
-                t1 = time.perf_counter()
-                logits = classifier.logits(tensor)
-                infer += time.perf_counter() - t1
+                infer += _infer_into(classifier, entries, tensor, probs)
                 evaluations += len(entries)
-                p = softmax(logits.astype(np.float64))
-                for j, (i, key) in enumerate(entries):
-                    while len(probs) <= i:
-                        probs.append({})
-                    probs[i][key] = p[j]
             else:
                 chunk, plans = payload
                 while len(probs) < len(plans):
