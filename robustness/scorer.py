@@ -44,7 +44,42 @@ def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[s
                     dst["flips"] += value
                 else:
                     dst[key] = value
+    if plan.remedy_reducers:
+        rec["remedies"] = {name: values for reduce in plan.remedy_reducers for name, values in reduce(probs).items()}
     return rec
+
+
+def _evaluate_followups(classifier: Classifier, card: ModelCard, plans: Sequence[ImagePlan],
+                        probs: list[dict[Any, np.ndarray]], batch_size: int) -> tuple[int, float]:
+    """The second stage: views the plans ask for after seeing their first rows (ensemble copies of unsure
+    views), each key not yet evaluated once; rows are added to ``probs``. Returns (evaluations, seconds)."""
+    stage = []
+    for i, plan in enumerate(plans):
+        extra = ImagePlan()
+        for ask in plan.followups:
+            for key, spec in ask(probs[i]).items():
+                if key not in probs[i]:
+                    extra.views.setdefault(key, spec)
+        stage.append(extra)
+    evaluations, seconds = 0, 0.0
+    for entries, tensor in _batches(stage, card, batch_size):
+        seconds += _infer_into(classifier, entries, tensor, probs)
+        evaluations += len(entries)
+    return evaluations, seconds
+
+
+def _infer_into(classifier: Classifier, entries: list[tuple[int, Any]], tensor: np.ndarray,
+                probs: list[dict[Any, np.ndarray]]) -> float:
+    """Run one batch and store each entry's softmax row in ``probs[image][key]``; returns ORT seconds."""
+    t1 = time.perf_counter()
+    logits = classifier.logits(tensor)
+    seconds = time.perf_counter() - t1
+    p = softmax(logits.astype(np.float64))
+    for j, (i, key) in enumerate(entries):
+        while len(probs) <= i:
+            probs.append({})
+        probs[i][key] = p[j]
+    return seconds
 
 
 def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> Iterable[tuple[list[tuple[int, Any]], np.ndarray]]:
@@ -138,17 +173,14 @@ def score_items(
                 break
             if kind == "batch":
                 entries, tensor = payload
-                t1 = time.perf_counter()
-                logits = classifier.logits(tensor)
-                infer += time.perf_counter() - t1
+                infer += _infer_into(classifier, entries, tensor, probs)
                 evaluations += len(entries)
-                p = softmax(logits.astype(np.float64))
-                for j, (i, key) in enumerate(entries):
-                    while len(probs) <= i:
-                        probs.append({})
-                    probs[i][key] = p[j]
             else:
                 chunk, plans = payload
+                while len(probs) < len(plans):
+                    probs.append({})
+                more, seconds = _evaluate_followups(classifier, card, plans, probs, options.batch_size)
+                evaluations, infer = evaluations + more, infer + seconds
                 for k, (item, plan) in enumerate(zip(chunk, plans)):
                     records.append(_record(item, plan, probs[k] if k < len(probs) else {}))
                 probs = []
@@ -202,6 +234,7 @@ def aggregate(records: Sequence[dict[str, Any]], card: ModelCard, config: Protoc
                 "p_change": _d(_est(records, policy, "pan.p_change", seed)),
                 "mac": _d(_est(records, policy, "pan.mac", seed)),
                 "flip_probability": _d(_est(records, policy, "pan.flip_probability", seed)),
+                "p_change_vertical": _d(_est(records, policy, "pan.p_change_vertical", seed)),
                 "translate_offsets": list(config.translate_offsets),
                 "translate_flip_curve": _curve(records, policy, "curve.translate"),
             }
@@ -365,8 +398,8 @@ def _summary_stats(result: dict[str, Any], chosen: dict[str, Any], card: ModelCa
         out["accuracy.top1"] = top1
         out["accuracy.top5"] = top5
     if "pan" in pr:
-        for k in ("p_change", "mac", "flip_probability"):
-            out[f"pan.{k}"] = pr["pan"][p][k]
+        for k in ("p_change", "mac", "flip_probability", "p_change_vertical"):
+            out[f"pan.{k}"] = pr["pan"][p].get(k)
     if "scale" in pr:
         for k in ("p_change", "flip_probability"):
             out[f"scale.{k}"] = pr["scale"][p][k]

@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.core.ensemble import Ensemble
 from service.core.errors import InvalidInput
 
 __all__ = ["ServeSettings", "CANDIDATE_MODES", "PROXIES"]
@@ -69,6 +70,10 @@ class ServeSettings(BaseModel):
         admin_token: bearer token of ``/v1/admin/*``; admin endpoints are off without one.
         retry_after_s: Retry-After of 503 answers.
         seed: seed of the traffic sampler (None: random).
+        ensemble: the shift ensemble on top of each version's policy: ``chosen`` (what its bound
+            robustness.json chose, ``chosen.ensemble``; none without one), ``off``, or a setting
+            ``PRESET[@MARGIN]`` / ``x,y;x,y;...[@MARGIN]`` (:mod:`service.core.ensemble`) for every version.
+        model_ensemble: per-model override of ``ensemble`` ({model: setting}).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,6 +113,18 @@ class ServeSettings(BaseModel):
     admin_token: str | None = Field(None, repr=False, min_length=8)
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
+    ensemble: str = "chosen"
+    model_ensemble: dict[str, str] | None = None
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble_setting(cls, value: str) -> str:
+        return _ensemble_spec(value)
+
+    @field_validator("model_ensemble")
+    @classmethod
+    def _model_ensemble_settings(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else {model: _ensemble_spec(spec) for model, spec in value.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
@@ -161,6 +178,16 @@ class ServeSettings(BaseModel):
     def candidate_mode_of(self, model: str) -> str:
         return (self.model_candidate_mode or {}).get(model, self.candidate_mode)
 
+    def ensemble_of(self, model: str, chosen: Mapping[str, Any] | None) -> Ensemble | None:
+        """The ensemble a version of ``model`` serves: the setting, or its robustness.json choice (``chosen``)."""
+        spec = (self.model_ensemble or {}).get(model, self.ensemble)
+        if spec == "off":
+            return None
+        if spec != "chosen":
+            return Ensemble.parse(spec)
+        picked = (chosen or {}).get("ensemble")
+        return None if not picked else Ensemble.parse(picked)
+
     @property
     def batch_sizes_to_warm(self) -> tuple[int, ...]:
         sizes = self.warmup_batch_sizes or (1, self.max_batch_size)
@@ -180,6 +207,14 @@ class ServeSettings(BaseModel):
         else:
             options["num_replicas"] = self.num_replicas
         return options
+
+
+def _ensemble_spec(value: str) -> str:
+    """``chosen``, ``off`` or a valid ensemble setting (ValueError naming the problem otherwise)."""
+    value = value.strip()
+    if value not in ("chosen", "off"):
+        Ensemble.parse(value)
+    return value
 
 
 def _one_line(exc: ValidationError, data: Mapping[str, Any], environment: Mapping[str, str]) -> str:

@@ -158,6 +158,7 @@ def object_box(
     frame: Box | None = None,
     resolution: int | None = None,
     config: LocalizerConfig = _DEFAULT,
+    fallback: Box | None = None,
 ) -> Box:
     """A square box around the main object, which fills ``crop_pct`` of its side.
 
@@ -168,6 +169,9 @@ def object_box(
         frame: the part of the image the camera sees (default: all of it).
         resolution: the model input side, for the exact centre-box fallback.
         config: tuning.
+        fallback: the box returned when nothing is re-framed (default: the centre box of the frame). The
+            scorer passes the ``center`` policy's own box of a moved or zoomed frame, so that where the
+            policies agree their views are the same box and are evaluated once.
 
     Example:
         >>> box = object_box(img, crop_pct=0.875, background=card.mean)   # doctest: +SKIP
@@ -176,8 +180,9 @@ def object_box(
     frame = frame or Box(0.0, 0.0, float(w), float(h))
     fw, fh = frame.width, frame.height
     res = resolution or max(8, int(round(min(fw, fh) * crop_pct)))
-    c = center_box(int(round(fw)), int(round(fh)), res, crop_pct)
-    fallback = Box(c.x0 + frame.x0, c.y0 + frame.y0, c.x1 + frame.x0, c.y1 + frame.y0)
+    if fallback is None:
+        c = center_box(int(round(fw)), int(round(fh)), res, crop_pct)
+        fallback = Box(c.x0 + frame.x0, c.y0 + frame.y0, c.x1 + frame.x0, c.y1 + frame.y0)
     arr, px, py = _analysis(img, frame, config, background)
     found = locate(arr, config)
     if found is None:

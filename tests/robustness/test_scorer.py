@@ -63,8 +63,9 @@ def test_unlabelled_summary_has_no_accuracy_and_a_subset_of_protocols(
         tiny_repo: ModelRepository, image_folder: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     data, _ = image_folder
     doc = _score(capsys, tiny_repo, data, "--protocols", "pan,embed", "--policies", "center")
-    assert set(doc["summary"]) == {"pan.p_change", "pan.mac", "pan.flip_probability", "embed@0.4.p_change",
-                                   "embed@0.5.p_change", "embed@0.7.p_change"}
+    assert set(doc["summary"]) == {"pan.p_change", "pan.mac", "pan.flip_probability", "pan.p_change_vertical",
+                                   "embed@0.4.p_change", "embed@0.5.p_change", "embed@0.7.p_change",
+                                   "compute.per_answer"}
     assert set(doc["protocols"]) == {"pan", "embed"}
     assert doc["chosen"]["policy"] == "center" and doc["chosen"]["labelled"] is False
 
