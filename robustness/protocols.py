@@ -41,7 +41,7 @@ from PIL import Image
 from service.core.card import ModelCard
 from service.core.ensemble import Ensemble
 from service.core.localize import object_box
-from service.core.boxes import Box, center_box, render, shift_box, zoom_box
+from service.core.boxes import Box, Renderer, center_box, render, shift_box, zoom_box
 
 __all__ = ["PROTOCOLS", "POLICIES", "PAN_STEPS", "DEFAULT_ENSEMBLES", "ProtocolConfig", "ViewSpec", "ImagePlan",
            "plan_image", "remedy_name"]
@@ -134,11 +134,18 @@ class ProtocolConfig:
 
 @dataclass
 class ViewSpec:
-    """One model input: a box of an image, rendered at a resolution."""
+    """One model input: a box of an image, rendered at a resolution (through ``renderer`` when set: the
+    same pixels as :func:`render`, sharing work between the views of one photo)."""
 
     image: Image.Image
     box: Box
     resolution: int
+    renderer: Renderer | None = None
+
+    def pixels(self, interpolation: str, background: tuple[float, ...]) -> np.ndarray:
+        if self.renderer is not None:
+            return self.renderer.render(self.box, self.resolution, interpolation)
+        return render(self.image, self.box, self.resolution, interpolation, background)
 
 
 Reducer = Callable[[dict[Any, np.ndarray]], dict[str, Any]]
@@ -157,9 +164,23 @@ class ImagePlan:
     followups: list[Callable[[dict[Any, np.ndarray]], dict[Any, ViewSpec]]] = field(default_factory=list)
     remedy_reducers: list[Reducer] = field(default_factory=list)
 
+    share: bool = True  # False: every view is its own evaluation (the unshared reference path)
+    identity: dict[Any, Any] = field(default_factory=dict)  # unshared key -> the view it stands for
+
     def add(self, key: Any, spec: ViewSpec) -> Any:
+        if not self.share:
+            unique = ("unshared", len(self.views), key)
+            self.identity[unique] = key
+            key = unique
         self.views.setdefault(key, spec)
         return key
+
+    def same_view(self, keys: list[Any]) -> list[Any]:
+        """``keys`` without repeats of one view (a view asked for twice is one answer)."""
+        seen: dict[Any, Any] = {}
+        for k in keys:
+            seen.setdefault(self.identity.get(k, k), k)
+        return list(seen.values())
 
 
 def _r(box: Box) -> tuple[float, ...]:
@@ -168,14 +189,19 @@ def _r(box: Box) -> tuple[float, ...]:
 
 def plan_image(
     img: Image.Image, card: ModelCard, cfg: ProtocolConfig, label: int | None, rng: np.random.Generator,
+    *, share: bool = True,
 ) -> ImagePlan:
     """Views and reducers for one decoded image under every configured protocol and policy.
 
     The reducers fill a record ``{policy: {metric_key: [sum, count]}, "curves": ..., "flips": ...}``.
+    Views are keyed by what the model sees (the image or embed canvas, the box, the resolution), so
+    a view that several protocols or both policies ask for (the ``object`` policy falls back to the
+    centre box on most natural photos) is evaluated once. ``share=False`` evaluates every request
+    on its own: the unoptimised reference, which gives the same records.
     """
     from robustness import measures
 
-    plan = ImagePlan()
+    plan = ImagePlan(share=share)
     R = card.resolution
     crop = card.crop_pct
     bgc = tuple(card.mean)
@@ -184,6 +210,7 @@ def plan_image(
     cbox = center_box(w, h, R, crop)
     cpx = cbox.width / R  # image pixels per output pixel of the served centre view
     obj_cache: dict[Any, Box] = {}
+    renderer = Renderer(img, bgc) if share else None
 
     def policy_box(policy: str, dx: float = 0.0, dy: float = 0.0, zoom: float = 1.0, res: int = R) -> Box:
         """The policy's box when the input moved by (dx, dy) output pixels at ``res`` and zoomed."""
@@ -197,12 +224,12 @@ def plan_image(
                 frame = zoom_box(frame, zoom)
             # nothing re-framed: exactly the centre policy's box of the same frame (one view for both)
             obj_cache[key] = object_box(img, crop_pct=crop, background=bgc, frame=frame, resolution=R,
-                                        fallback=centre)
+                                        fallback=centre, renderer=renderer)
         return obj_cache[key]
 
     def view(policy: str, tag: str, dx: float = 0.0, dy: float = 0.0, zoom: float = 1.0, res: int = R) -> Any:
         box = policy_box(policy, dx, dy, zoom, res)
-        return plan.add(("photo", _r(box), res), ViewSpec(img, box, res))
+        return plan.add(("photo", _r(box), res), ViewSpec(img, box, res, renderer))
 
     policies = cfg.policies
     labels = None if label is None else np.asarray([label])
@@ -258,23 +285,27 @@ def plan_image(
         fill = tuple(int(round(v)) for v in bgc)
         ccan = center_box(C, C, R, crop)
         emb: dict[str, dict[float, list[tuple[Any, Any]]]] = {p: {} for p in policies}
+        canvases: dict[tuple[int, int, int], tuple[Image.Image, dict[str, Box]]] = {}
         for size in cfg.embed_sizes:
             S = max(1, int(round(size * R)))
             small = Image.fromarray(render(obj, Box(0, 0, R, R), S, interp, bgc)) if S != R else obj
             slack = max(R - S - 1, 0)
             for j in range(cfg.embed_positions):
                 x, y = (int(v) for v in rng.integers(0, slack + 1, size=2))
-                pair = []
-                for k in range(2):
-                    canvas = Image.new("RGB", (C, C), fill)
-                    canvas.paste(small, (w0 + x + k, w0 + y + k))
-                    pair.append(canvas)
                 for p in policies:
                     keys = []
-                    for k, canvas in enumerate(pair):
-                        box = ccan if p == "center" else object_box(
-                            canvas, crop_pct=crop, background=bgc, resolution=R)
-                        keys.append(plan.add(("embed", size, j, k, p), ViewSpec(canvas, box, R)))
+                    for k in range(2):
+                        # a canvas is its pasted position: positions drawn twice (size 1.0 has no slack) share it
+                        at = (S, w0 + x + k, w0 + y + k)
+                        if at not in canvases or not share:
+                            canvas = Image.new("RGB", (C, C), fill)
+                            canvas.paste(small, at[1:])
+                            canvases[at] = (canvas, {})
+                        canvas, boxes = canvases[at]
+                        if p not in boxes:
+                            boxes[p] = ccan if p == "center" else object_box(
+                                canvas, crop_pct=crop, background=bgc, resolution=R)
+                        keys.append(plan.add(("embed", at, _r(boxes[p])), ViewSpec(canvas, boxes[p], R)))
                     emb[p].setdefault(size, []).append((keys[0], keys[1]))
 
         def reduce_embed(probs: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -400,9 +431,9 @@ def _plan_ensembles(plan: ImagePlan, cfg: ProtocolConfig, answers: dict[str, dic
         spec = plan.views[k]
         for off in dict.fromkeys(o for e in ensembles for o in e.extra_offsets):
             box = shift_box(spec.box, off[0], off[1], spec.resolution)
-            ck = ("photo", _r(box), spec.resolution)
+            ck = ("photo", _r(box), spec.resolution) if plan.share else ("unshared copy", k, off)
             copy_keys[(k, off)] = ck
-            copy_specs.setdefault(ck, ViewSpec(spec.image, box, spec.resolution))
+            copy_specs.setdefault(ck, ViewSpec(spec.image, box, spec.resolution, spec.renderer))
 
     def followup(probs: dict[Any, np.ndarray]) -> dict[Any, ViewSpec]:
         need: dict[Any, ViewSpec] = {}
@@ -425,7 +456,7 @@ def _plan_ensembles(plan: ImagePlan, cfg: ProtocolConfig, answers: dict[str, dic
                 answer[k] = (e.combine(probs[k], [probs[copy_keys[(k, o)]] for o in e.extra_offsets])
                              if used[k] else probs[k])
             for p, a in answers.items():
-                mine = keys[p]
+                mine = plan.same_view(keys[p])  # counted per view the policy answers
                 rec: dict[str, Any] = {
                     "compute": [float(sum(e.cost(used[k]) for k in mine)), len(mine)],
                     "used": [float(sum(used[k] for k in mine)), len(mine)],

@@ -32,6 +32,7 @@ class ScoreOptions:
     chunk_images: int = 4  # images whose views are batched together
     threads: int = 0       # ONNX Runtime intra-op threads (0: all cores)
     overlap: bool = True   # prepare the next batches in a thread while ORT runs
+    share: bool = True     # evaluate a view several protocols or policies ask for once (False: the reference)
 
 
 def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -94,8 +95,7 @@ def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> It
             chunk = entries[start:start + batch_size]
             pixels = np.empty((len(chunk), res, res, 3), dtype=np.uint8)
             for j, (i, key) in enumerate(chunk):
-                spec = plans[i].views[key]
-                pixels[j] = render(spec.image, spec.box, res, card.interpolation, bg)
+                pixels[j] = plans[i].views[key].pixels(card.interpolation, bg)
             yield chunk, normalise(pixels, card)
 
 
@@ -140,7 +140,7 @@ def score_items(
             for item in chunk:
                 img = pre.decode((Path(root) / item.path).read_bytes())
                 rng = np.random.default_rng([seed, item.index])
-                plans.append(plan_image(img, card, config, item.label, rng))
+                plans.append(plan_image(img, card, config, item.label, rng, share=options.share))
             for batch in _batches(plans, card, options.batch_size):
                 yield ("batch", batch)
             yield ("chunk", (chunk, plans))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from robustness.data import load_dataset
@@ -127,3 +128,31 @@ def test_a_decode_error_in_the_producer_surfaces(tiny_repo: ModelRepository, ima
     (data / "broken.png").write_bytes(b"not an image")
     assert main(["score", "--repo", str(tiny_repo.root), "tiny", "--data", str(data), "--no-progress"]) == 2
     assert "decode" in capsys.readouterr().err
+
+
+def test_shared_views_and_renderer_give_the_unoptimised_records(tiny_repo: ModelRepository,
+                                                               image_folder: tuple[Path, Path],
+                                                               coffee: np.ndarray, chelsea: np.ndarray) -> None:
+    """Every optimisation of the scorer (a view asked for twice is evaluated once, embed canvases drawn
+    twice are one, the Renderer shares resampling passes, the localiser analyses frames through it) keeps
+    every record identical to the unoptimised path, which evaluates every request on its own with
+    plain ``render`` calls; and it really evaluates fewer views."""
+    from PIL import Image
+
+    from robustness.scorer import ScoreOptions, score_items
+
+    data, labels = image_folder
+    Image.fromarray(coffee).save(data / "coffee.jpg", quality=90)
+    Image.fromarray(chelsea).save(data / "chelsea.jpg", quality=90)
+    with labels.open("a") as f:
+        f.write("coffee.jpg,7,espresso\nchelsea.jpg,3,cat\n")
+    loaded = tiny_repo.load("tiny", 1)
+    ds = load_dataset(data, labels)
+    cfg = ProtocolConfig(translate_frames=5, zoom_start=0.4, zoom_stop=1.1, zoom_step=0.05,
+                         ensembles=("knight5@0.5", "knight5@0.9"))
+    fast, t_fast = score_items(loaded.onnx_bytes, loaded.card, ds.root, ds.items, cfg, 2, ScoreOptions(overlap=False))
+    plain, t_plain = score_items(loaded.onnx_bytes, loaded.card, ds.root, ds.items, cfg, 2,
+                                 ScoreOptions(overlap=False, share=False))
+    assert len(fast) == 8 and fast == plain
+    assert any(r["remedies"]["center+knight5@0.5"]["used"][0] > 0 for r in fast)  # the second stage ran
+    assert t_fast["evaluations"] < 0.75 * t_plain["evaluations"]
