@@ -48,7 +48,8 @@ def bench_score(repo: Any, model: str, version: int, data: str, *, max_images: i
     raw = (raw_before + raw_after) / 2
     scorer = timing["evaluations"] / timing["seconds"]
     return {
-        "model": model, "version": version, "resolution": card.resolution, "batch_size": batch_size,
+        "model": model, "version": version, "precision": card.precision, "resolution": card.resolution,
+        "batch_size": batch_size,
         "images": len(dataset.items), "evaluations": int(timing["evaluations"]),
         "raw_ort_evals_per_s": round(raw, 2), "scorer_evals_per_s": round(scorer, 2),
         "ratio": round(scorer / raw, 3),

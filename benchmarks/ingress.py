@@ -1,0 +1,206 @@
+"""The ingress paths Ray Serve offers, measured on a trivial handler: what a request costs before any model runs.
+
+Each variant serves ``POST /v1/models/m:classify`` that reads the body and answers a small JSON
+document (the shape of Steady's answer), in a fresh Ray instance of its own (isolated temp dir and
+ports, as ``steady serve`` starts it), one replica, ``max_ongoing_requests`` 64. ``wrk`` drives it
+at one concurrency; the CPU time of every process of the instance (replica, HAProxy, controller,
+GCS, raylet, agents...) is divided by the requests answered. ``uvicorn`` is the same Starlette app
+without Ray: the floor of a Python ASGI server.
+
+    python -m benchmarks.ingress --rounds 2
+
+Variants:
+    starlette       ``@serve.ingress`` with a Starlette app (Steady's layout), HAProxy + direct ingress
+    raw-asgi        the same hook returning a bare ASGI callable (no Starlette routing or middleware)
+    call            no ASGI app: ``async def __call__(self, request)``; Ray builds the Request and
+                    turns the returned Response into ASGI messages
+    no-access-log   ``starlette`` with the deployment's ``logging_config.enable_access_log`` off
+    no-ingress-metrics  ``starlette`` with ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0``: HAProxy no longer sends
+                    a log datagram per request for the HAProxy manager to turn into ``ray_serve_*`` metrics
+    default-proxy   ``starlette`` behind Ray's Python proxy actor (no HAProxy, no direct ingress)
+    uvicorn         the Starlette app in plain uvicorn, no Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VARIANTS", "measure"]
+
+VARIANTS = ("starlette", "raw-asgi", "call", "no-access-log", "no-ingress-metrics", "default-proxy", "uvicorn")
+ANSWER = {"model": "m", "version": 1, "stage": "production",
+          "predictions": [{"index": 967, "label": "espresso", "score": 0.95}],
+          "preprocess": {"policy": "center", "resolution": 224, "box": [0.0, 0.0, 10.0, 10.0]}}
+
+
+def _starlette_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def classify(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse(ANSWER)
+
+    async def ready(request: Request) -> JSONResponse:
+        return JSONResponse({"ready": True})
+
+    return Starlette(routes=[Route("/v1/models/{model}:classify", classify, methods=["POST"]),
+                             Route("/v2/health/ready", ready, methods=["GET"])])
+
+
+def _raw_app() -> Any:
+    body = json.dumps(ANSWER, separators=(",", ":")).encode()
+    length = str(len(body)).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        # a new message each time: Ray's request-id middleware appends a header to it
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", length)]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _application(variant: str) -> Any:
+    from ray import serve
+
+    options: dict[str, Any] = {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1}}
+    if variant == "no-access-log":
+        options["logging_config"] = {"enable_access_log": False}
+    if variant == "call":
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+
+        @serve.deployment(**options)
+        class Call:
+            async def __call__(self, request: Request) -> JSONResponse:
+                await request.body()
+                return JSONResponse(ANSWER)
+
+        return Call.bind()
+
+    build = _raw_app if variant == "raw-asgi" else _starlette_app
+
+    @serve.deployment(**options)
+    @serve.ingress()
+    class Ingress:
+        def __serve_build_asgi_app__(self) -> Any:
+            return build()
+
+    return Ingress.bind()
+
+
+def _serve(variant: str, port: int) -> None:
+    """The child: start Ray and Serve with this variant, print READY, sleep until killed."""
+    if variant == "uvicorn":
+        import uvicorn
+
+        print("READY", flush=True)
+        uvicorn.run(_starlette_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        return
+    import ray
+    from ray import serve
+
+    ray.init(object_store_memory=128 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(_application(variant), name="ingress", route_prefix="/", blocking=False)
+    print("READY", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def measure(variant: str, concurrency: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """Start ``variant`` in a child process, load it with wrk, return requests/s and CPU ms per request."""
+    import httpx
+    import psutil
+
+    from benchmarks.serve import cpu_share, cpu_times, run_wrk
+    from service.launcher import free_port, isolated_environment
+    from service.runner import proxy_environment
+
+    port = free_port()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ing-", dir="/tmp"))
+    env = isolated_environment(ray_tmp)
+    env.update(RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE="1", RAY_SERVE_CONTROL_LOOP_INTERVAL_S="0.5")
+    if variant != "default-proxy":
+        env.update(proxy_environment("haproxy"))
+    if variant == "no-ingress-metrics":
+        env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] = "0"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ingress", "--child", variant, "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=(workdir / f"{variant}.log").open("wb"),
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"READY":
+            raise RuntimeError(f"{variant} did not start; see {workdir / (variant + '.log')}")
+        url = f"http://127.0.0.1:{port}/v1/models/m:classify"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.post(url, content=b"x" * 100, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = workdir / "body.jpg"
+        body.write_bytes(os.urandom(100_000))  # a photo-sized body
+        run_wrk(url, [body], concurrency, 3, workdir)  # warm up
+        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+        c0, t0 = cpu_times(procs), time.perf_counter()
+        result = run_wrk(url, [body], concurrency, seconds, workdir)
+        elapsed = time.perf_counter() - t0
+        share = cpu_share(c0, cpu_times(procs), elapsed)
+        per = {k: round(v * elapsed * 1000 / max(1, result["requests"]), 3) for k, v in share.items()}
+        return {"variant": variant, "requests_per_s": result["images_per_s"], "p50_ms": result["p50_ms"],
+                "cpu_ms_per_request": per["total"], "cpu_ms_by_process": per, "errors": result["non_2xx"]}
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, interleaved")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _serve(args.child, args.port)
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"unknown variants {bad}: use some of {', '.join(VARIANTS)}")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="steady-ingress-") as tmp:
+        for _ in range(args.rounds):
+            for variant in variants:
+                print(json.dumps(measure(variant, args.concurrency, args.duration, Path(tmp))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
