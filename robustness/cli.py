@@ -62,7 +62,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     doc, dataset = score_version(repo, args.model, version, args.data, args.labels, config, args.seed,
                                         args.max_images, args.workers, args.ray_address,
                                         progress=not args.no_progress, batch_size=args.batch_size,
-                                        remedy_rule=remedy_rule)
+                                        remedy_rule=remedy_rule, half=args.half, split_seed=args.split_seed)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
     if args.out:
         out = Path(args.out)
@@ -136,6 +136,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocols", help="comma list of pan,scale,embed,consistency,resolution (default all)")
     p.add_argument("--policies", help="comma list of center,object (default both)")
     p.add_argument("--max-images", type=int, help="score only the first N images (sorted)")
+    p.add_argument("--half", choices=("calibration", "holdout"),
+                   help="score one half of the seeded split int8 calibration uses (steady quantize): holdout for "
+                        "like-for-like int8/fp32 comparisons (a quantized version is never scored on its own "
+                        "calibration photos either way)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for positions, offsets and bootstrap (default 0)")
     p.add_argument("--workers", type=int, default=0, help="shard images over N local Ray workers")
     p.add_argument("--ray-address", help="shard images over an existing Ray cluster")

@@ -23,16 +23,19 @@ __all__ = ["score_version"]
 def score_version(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
                          seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
                          progress: bool = False, batch_size: int = 32,
-                         remedy_rule: RemedyRule = RemedyRule()) -> tuple[dict[str, Any], Dataset]:
+                         remedy_rule: RemedyRule = RemedyRule(), half: str | None = None,
+                         split_seed: int = 0) -> tuple[dict[str, Any], Dataset]:
     """Score a stored version and return the robustness.json document (and the dataset).
 
     ``remedies`` holds every ensemble variant against its bare policy; ``chosen.ensemble`` the one the
-    cost rule picked (its measurements replace the bare policy's in ``summary``).
+    cost rule picked (its measurements replace the bare policy's in ``summary``). ``half`` scores one
+    half of the seeded split only; a quantized version is never scored on its calibration photos.
     """
 
     loaded = repo.load(model, version)
     card = loaded.card
-    dataset = load_dataset(data, labels, max_images)
+    calibrated = frozenset(card.quantization.calibration_sha256) if card.quantization else frozenset()
+    dataset = load_dataset(data, labels, max_images, half=half, split_seed=split_seed, exclude_sha256=calibrated)
     options = ScoreOptions(batch_size=batch_size)
     with iter_progress(len(dataset.items), progress) as bar:
         if workers > 0 or ray_address:
@@ -54,7 +57,9 @@ def score_version(repo: Any, model: str, version: int, data: str, labels: str | 
         "card": {"train_resolution": card.train_resolution, "test_resolution": card.resolution,
                  "crop_pct": card.crop_pct, "interpolation": card.interpolation, "policy": card.policy},
         "data": {"path": str(Path(data).resolve()), "fingerprint": dataset.fingerprint,
-                 "images": len(dataset.items), "labelled": dataset.labelled},
+                 "images": len(dataset.items), "labelled": dataset.labelled, "half": dataset.half,
+                 "split_seed": dataset.split_seed, "excluded_calibration_photos": dataset.excluded},
+        "precision": card.precision,
         "seed": seed,
         "config": config.to_dict(),
         "accuracy": result["accuracy"],

@@ -128,7 +128,9 @@ def score_items(
     import queue
     import threading
 
-    classifier = Classifier(onnx_bytes, card, RuntimeOptions(provider="cpu", intra_op_threads=options.threads))
+    sizes = (card.resolution,) + (config.resolutions(card) if "resolution" in config.protocols else ())
+    classifier = Classifier(onnx_bytes, card, RuntimeOptions(provider="cpu", intra_op_threads=options.threads,
+                                                             static_sizes=tuple(dict.fromkeys(sizes))))
     pre = Preprocessor(card, policy="object", resolution=max(config.resolutions(card) + (card.resolution,)))
     todo: queue.Queue[Any] = queue.Queue(maxsize=4)
     stop = threading.Event()

@@ -122,7 +122,7 @@ def load_version(repo: ModelRepository, model: str, version: int, stage: str, se
     classifier = Classifier(
         loaded.onnx_bytes, card,
         RuntimeOptions(provider=settings.provider, intra_op_threads=settings.ort_threads, inter_op_threads=1,
-                       allow_spinning=settings.ort_spinning),
+                       allow_spinning=settings.ort_spinning, static_sizes=(resolution,)),
     )
     try:
         ensemble = settings.ensemble_of(model, chosen)

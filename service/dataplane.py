@@ -202,6 +202,8 @@ class DataPlane:
         return as_logits(probs), info
 
     async def _prepare(self, served: ServedVersion, data: bytes) -> Prepared:
+        if len(data) <= self.settings.inline_decode_bytes:  # tiny work: a thread hop would cost more than it
+            return self._prepare_sync(served, data)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._prepare_sync, served, data)
 

@@ -55,6 +55,11 @@ class ServeSettings(BaseModel):
         ort_threads: ONNX Runtime intra-op threads per replica (0: all cores of the replica).
         ort_spinning: let idle ONNX Runtime threads busy-wait (lower latency, steals CPU from decoding).
         decode_threads: threads decoding/preprocessing images per replica.
+        inline_decode_bytes: bodies up to this size are decoded and preprocessed on the replica's event loop,
+            without a hop to a decode thread (tiny work; 0: always in a decode thread).
+        access_log: Ray Serve's access log line per request (its log file); off saves its formatting and
+            writing on the hot path (README.md, "Performance"); Steady's request metrics count every answer
+            either way.
         provider: ONNX Runtime provider ``auto``, ``cpu`` or ``cuda``.
         max_body_bytes: request bodies over this get 413.
         max_pixels: images over this pixel count get 413.
@@ -115,6 +120,8 @@ class ServeSettings(BaseModel):
     seed: int | None = None
     ensemble: str = "chosen"
     model_ensemble: dict[str, str] | None = None
+    inline_decode_bytes: int = Field(0, ge=0)
+    access_log: bool = True
 
     @field_validator("ensemble")
     @classmethod
@@ -202,6 +209,8 @@ class ServeSettings(BaseModel):
             "health_check_period_s": 5,
             "graceful_shutdown_timeout_s": 10,
         }
+        if not self.access_log:
+            options["logging_config"] = {"enable_access_log": False}
         if self.autoscaling:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:
