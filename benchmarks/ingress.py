@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,7 @@ def measure(variant: str, concurrency: int, seconds: float, workdir: Path) -> di
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="steady-ingress-") as tmp:
         for _ in range(args.rounds):
             for variant in variants:
-                print(json.dumps(measure(variant, args.concurrency, args.duration, Path(tmp))), flush=True)
+                try:
+                    print(json.dumps(measure(variant, args.concurrency, args.duration, Path(tmp))), flush=True)
+                except RuntimeError as exc:  # one variant that did not start (a busy machine) ends nothing else
+                    print(json.dumps({"variant": variant, "error": str(exc)}), flush=True)
 
 
 if __name__ == "__main__":

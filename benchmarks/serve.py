@@ -65,6 +65,9 @@ class BenchOptions:
         plain: also start :mod:`benchmarks.plain_server` (FastAPI + ONNX Runtime + Pillow, no batching) on
             the same version and drive it right after each served run, with the same client and images.
         compare_url: an already running plain server to drive the same way (instead of starting one).
+        compare_version: another version the service serves (its production or candidate, e.g. an int8
+            version of the same model), driven with ``?version=`` right after each served run; the
+            served run then names its own version too, so no canary draw mixes the two.
     """
 
     repo: str
@@ -84,6 +87,7 @@ class BenchOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     plain: bool = False
     compare_url: str | None = None
+    compare_version: int | None = None
 
     def __post_init__(self) -> None:
         if not self.concurrency or any(c < 1 for c in self.concurrency):
@@ -463,7 +467,7 @@ def _check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -
 
 def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ceiling, url: str,
                service: ServeProcess | None, workdir: Path, log: Any, plain_url: str | None = None,
-               plain: PlainServer | None = None) -> dict[str, Any]:
+               plain: PlainServer | None = None, version_url: str | None = None) -> dict[str, Any]:
     bodies = [p.read_bytes() for p in paths]
     client = opts.client if opts.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     log(f"[{name}] {len(paths)} images, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; client {client}")
@@ -494,6 +498,13 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
         plain_agreement = _check_answers(plain_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
         log(f"[{name}] plain server top-1 == in-process top-1 on {plain_agreement:.1%} (its own resize + crop)")
         plain_load(max(opts.concurrency), opts.warmup_s)
+    version_load = loader(version_url) if version_url else None
+    version_agreement = None
+    if version_load is not None:
+        version_agreement = _check_answers(version_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
+        log(f"[{name}] version {opts.compare_version}: top-1 == version {ceiling.served.version} in-process on "
+            f"{version_agreement:.1%}")
+        version_load(max(opts.concurrency), opts.warmup_s)
     runs = []
     before = ceiling.throughput(bodies, best, opts.ceiling_s)
     for c in opts.concurrency:
@@ -503,6 +514,11 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
         if plain_load is not None:  # the same client, images and concurrency, right after
             p_served, p_cpu, p_ms = _served_run(plain_load, c, opts.duration_s, plain.processes() if plain else [])
             plain_run = {**p_served, "cpu_cores": p_cpu, "cpu_ms_per_image": p_ms}
+        version_run = None
+        if version_load is not None:  # the other version, same service, client, images and concurrency
+            v_served, v_cpu, v_ms = _served_run(version_load, c, opts.duration_s, pids)
+            version_run = {"version": opts.compare_version, **v_served, "service_cpu_cores": v_cpu,
+                           "service_cpu_ms_per_image": v_ms}
         after = ceiling.throughput(bodies, best, opts.ceiling_s)
         ceil = (before["images_per_s"] + after["images_per_s"]) / 2
         run = {"concurrency": c, **served, "ceiling_images_per_s": round(ceil, 2),
@@ -514,6 +530,12 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
         # the same ratio counted in CPU time: unaffected by how much CPU other work on the machine takes
         run["cpu_ratio"] = (round(run["ceiling_cpu_ms_per_image"] / run["service_cpu_ms_per_image"], 3)
                             if run["service_cpu_ms_per_image"] else None)
+        if version_run is not None:
+            run["compare_version"] = version_run
+            run["version_vs_main"] = round(version_run["images_per_s"] / max(served["images_per_s"], 1e-9), 3)
+            log(f"[{name}] c={c}: version {opts.compare_version} served {version_run['images_per_s']} img/s, "
+                f"{run['version_vs_main']}x version {ceiling.served.version}; CPU ms/image "
+                f"{version_run['service_cpu_ms_per_image']}")
         if plain_run is not None:
             run["plain"] = plain_run
             run["vs_plain"] = round(served["images_per_s"] / max(plain_run["images_per_s"], 1e-9), 3)
@@ -535,7 +557,8 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
               for k in single_before}
     return {
         "name": name, "images": len(paths), "mean_bytes": int(np.mean([len(b) for b in bodies])),
-        "top1_agreement": round(agreement, 4), "plain_top1_agreement": plain_agreement, "single_image_ms": single,
+        "top1_agreement": round(agreement, 4), "plain_top1_agreement": plain_agreement,
+        "compare_version_top1_agreement": version_agreement, "single_image_ms": single,
         "single_image_ms_before_after": [single_before, single_after],
         "ceiling_by_batch_size": {str(k): v for k, v in sweep.items()}, "ceiling_batch_size": best,
         "service_idle_cpu_cores": idle,
@@ -583,8 +606,13 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
                 base = service.base
                 log(f"ready in {ready_s:.1f} s (from launching `steady serve` to /v2/health/ready == 200)")
             url = f"{base}/v1/models/{opts.model}:classify"
+            version_url = None
+            if opts.compare_version is not None:
+                version_url = f"{url}?version={opts.compare_version}"
+                url = f"{url}?version={version}"
             ceiling = Ceiling(str(opts.repo), opts.model, version, settings)
-            sets = [_image_set("photos", paths, opts, ceiling, url, service, workdir, log, plain_url, plain)]
+            sets = [_image_set("photos", paths, opts, ceiling, url, service, workdir, log, plain_url, plain,
+                               version_url)]
             if service:
                 memory = memory_of(service.processes())
                 log(f"service memory: PSS {memory['pss_mb']} MB over {memory['processes']} processes "
@@ -592,7 +620,8 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
             if opts.large:
                 log(f"generating {opts.large_images} 12 MP JPEGs ...")
                 large = make_large_photos(paths, workdir / "large", opts.large_images)
-                sets.append(_image_set("large-12mp", large, opts, ceiling, url, service, workdir, log, plain_url, plain))
+                sets.append(_image_set("large-12mp", large, opts, ceiling, url, service, workdir, log, plain_url, plain,
+                                       version_url))
             if service:
                 after = memory_of(service.processes())
                 if memory is None or after["pss_mb"] > memory["pss_mb"]:
@@ -620,6 +649,10 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
         "ratio": {str(r["concurrency"]): r["ratio"] for r in sets[0]["runs"]},
         "cpu_ratio": {str(r["concurrency"]): r["cpu_ratio"] for r in sets[0]["runs"]},
         "vs_plain": {str(r["concurrency"]): r["vs_plain"] for r in sets[0]["runs"] if "vs_plain" in r} or None,
+        "compare_version": None if opts.compare_version is None else {
+            "version": opts.compare_version,
+            "precision": repo.card(opts.model, opts.compare_version).precision,
+            "vs_main": {str(r["concurrency"]): r["version_vs_main"] for r in sets[0]["runs"]}},
         "single_image_ms": sets[0]["single_image_ms"]["p50_ms"],
     }
 
@@ -643,6 +676,12 @@ def format_report(doc: dict[str, Any]) -> str:
                          f"{r['ratio']:>6.3f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                          f"{r['non_2xx'] + r['socket_errors']:>6} {r['client_cpu']:>7.3f} "
                          f"{str(r['service_cpu_ms_per_image']) + ' / ' + str(r['ceiling_cpu_ms_per_image']):>20}")
+            if "compare_version" in r:
+                vr = r["compare_version"]
+                lines.append(f"{'v' + str(vr['version']):>5} {vr['images_per_s']:>9.1f} {'':>9} {'':>6} "
+                             f"{vr['p50_ms']:>8.1f} {vr['p95_ms']:>8.1f} {vr['p99_ms']:>8.1f} "
+                             f"{vr['non_2xx'] + vr['socket_errors']:>6} {vr['client_cpu']:>7.3f} "
+                             f"{str(vr['service_cpu_ms_per_image']):>20}   {r['version_vs_main']}x v{doc['version']}")
             if "plain" in r:
                 pr = r["plain"]
                 lines.append(f"{'plain':>5} {pr['images_per_s']:>9.1f} {'':>9} {r['plain_ratio']:>6.3f} "

@@ -32,7 +32,7 @@ class ScoreOptions:
     chunk_images: int = 4  # images whose views are batched together
     threads: int = 0       # ONNX Runtime intra-op threads (0: all cores)
     overlap: bool = True   # prepare the next batches in a thread while ORT runs
-    share: bool = True     # evaluate a view several protocols or policies ask for once (False: the reference)
+    share: bool = True     # shared views, Renderer, specialised sessions (False: the unoptimised reference)
 
 
 def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -128,9 +128,12 @@ def score_items(
     import queue
     import threading
 
+    # sessions specialised per resolution (service.core.static_shape: the same logits); the reference path runs
+    # the stored graph as it is
     sizes = (card.resolution,) + (config.resolutions(card) if "resolution" in config.protocols else ())
     classifier = Classifier(onnx_bytes, card, RuntimeOptions(provider="cpu", intra_op_threads=options.threads,
-                                                             static_sizes=tuple(dict.fromkeys(sizes))))
+                                                             static_sizes=tuple(dict.fromkeys(sizes)) if options.share
+                                                             else ()))
     pre = Preprocessor(card, policy="object", resolution=max(config.resolutions(card) + (card.resolution,)))
     todo: queue.Queue[Any] = queue.Queue(maxsize=4)
     stop = threading.Event()

@@ -105,7 +105,7 @@ def test_bench_serve_json_shape(service, tmp_path: Path, client: str) -> None:  
         (data / f"p{i}.jpg").write_bytes(encode(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)))
     opts = BenchOptions(repo=str(service.repo.root), model="tiny", data=str(data), concurrency=(1, 2),
                         duration_s=1.0, url=service.base, ceiling_s=0.2, warmup_s=0.5, client=client,
-                        plain=client == "aiohttp")
+                        plain=client == "aiohttp", compare_version=1 if client == "aiohttp" else None)
     doc = bench_serve(opts, log=lambda msg: None)
 
     assert doc["ready_s"] is None and doc["memory"] is None  # --url: the benchmark did not start it
@@ -116,8 +116,10 @@ def test_bench_serve_json_shape(service, tmp_path: Path, client: str) -> None:  
             assert run["plain"]["requests"] > 0 and run["plain"]["non_2xx"] == 0
             assert run["plain"]["cpu_ms_per_image"] > 0
             assert run["vs_plain"] == pytest.approx(run["images_per_s"] / run["plain"]["images_per_s"], rel=0.01)
+            assert run["compare_version"]["version"] == 1 and run["compare_version"]["requests"] > 0
+        assert doc["compare_version"]["precision"] == "fp32" and set(doc["compare_version"]["vs_main"]) == {"1", "2"}
     else:
-        assert doc["vs_plain"] is None
+        assert doc["vs_plain"] is None and doc["compare_version"] is None
     assert set(doc["ratio"]) == {"1", "2"}
     (photos,) = doc["image_sets"]
     assert photos["top1_agreement"] >= 0.8  # served and in-process answers are the same model's

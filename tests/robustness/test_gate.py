@@ -117,6 +117,9 @@ def test_shipped_policy_parses() -> None:
 
     policy, sha = load_policy(Path(__file__).parents[2] / "deploy" / "gate.yaml", SUMMARY_KEYS)
     assert policy.max and policy.min and policy.regression and len(sha) == 64
+    # a new version (an int8 one above all) is compared with production on accuracy and every flip metric
+    flips = {k for k in SUMMARY_KEYS if k.startswith(("pan.", "scale.")) or k.endswith(".p_change")}
+    assert flips | {"accuracy.top1", "consistency"} <= set(policy.regression)
 
 
 @pytest.mark.parametrize("content", ["[1]", "{not json", "null"])

@@ -130,13 +130,16 @@ def test_a_decode_error_in_the_producer_surfaces(tiny_repo: ModelRepository, ima
     assert "decode" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("net", ["tiny", "same-padding"])
 def test_shared_views_and_renderer_give_the_unoptimised_records(tiny_repo: ModelRepository,
                                                                image_folder: tuple[Path, Path],
-                                                               coffee: np.ndarray, chelsea: np.ndarray) -> None:
+                                                               coffee: np.ndarray, chelsea: np.ndarray,
+                                                               net: str) -> None:
     """Every optimisation of the scorer (a view asked for twice is evaluated once, embed canvases drawn
     twice are one, the Renderer shares resampling passes, the localiser analyses frames through it) keeps
     every record identical to the unoptimised path, which evaluates every request on its own with
-    plain ``render`` calls; and it really evaluates fewer views."""
+    plain ``render`` calls on the stored graph; and it really evaluates fewer views. ``same-padding``: a
+    graph with TF-"SAME" pad arithmetic, which the scorer runs specialised per resolution."""
     from PIL import Image
 
     from robustness.scorer import ScoreOptions, score_items
@@ -146,7 +149,11 @@ def test_shared_views_and_renderer_give_the_unoptimised_records(tiny_repo: Model
     Image.fromarray(chelsea).save(data / "chelsea.jpg", quality=90)
     with labels.open("a") as f:
         f.write("coffee.jpg,7,espresso\nchelsea.jpg,3,cat\n")
-    loaded = tiny_repo.load("tiny", 1)
+    if net == "same-padding":
+        from tests.conftest import make_same_padding_onnx, tiny_card
+
+        tiny_repo.add("tiny", make_same_padding_onnx(), tiny_card(labels=tuple("abcd")))
+    loaded = tiny_repo.load("tiny", 1 if net == "tiny" else 2)
     ds = load_dataset(data, labels)
     cfg = ProtocolConfig(translate_frames=5, zoom_start=0.4, zoom_stop=1.1, zoom_step=0.05,
                          ensembles=("knight5@0.5", "knight5@0.9"))
