@@ -43,8 +43,8 @@ def _rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any] | Non
         rows.append(("accuracy.top1", {p: doc["accuracy"][p]["top1"] for p in policies}))
         rows.append(("accuracy.top5", {p: doc["accuracy"][p]["top5"] for p in policies}))
     if "pan" in pr:
-        for k in ("p_change", "mac", "flip_probability"):
-            rows.append((f"pan.{k}", {p: pr["pan"][p][k] for p in policies}))
+        for k in ("p_change", "mac", "flip_probability", "p_change_vertical"):
+            rows.append((f"pan.{k}", {p: pr["pan"][p].get(k) for p in policies}))
     if "scale" in pr:
         for k in ("p_change", "flip_probability"):
             rows.append((f"scale.{k}", {p: pr["scale"][p][k] for p in policies}))

@@ -123,15 +123,17 @@ class ServeSettings(BaseModel):
     inline_decode_bytes: int = Field(0, ge=0)
     access_log: bool = True
 
-    @field_validator("ensemble")
+    @field_validator("ensemble", mode="before")
     @classmethod
-    def _ensemble_setting(cls, value: str) -> str:
+    def _ensemble_setting(cls, value: Any) -> Any:
         return _ensemble_spec(value)
 
-    @field_validator("model_ensemble")
+    @field_validator("model_ensemble", mode="before")
     @classmethod
-    def _model_ensemble_settings(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        return None if value is None else {model: _ensemble_spec(spec) for model, spec in value.items()}
+    def _model_ensemble_settings(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {model: _ensemble_spec(spec) for model, spec in value.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
@@ -218,8 +220,15 @@ class ServeSettings(BaseModel):
         return options
 
 
-def _ensemble_spec(value: str) -> str:
-    """``chosen``, ``off`` or a valid ensemble setting (ValueError naming the problem otherwise)."""
+def _ensemble_spec(value: Any) -> Any:
+    """``chosen``, ``off`` or a valid ensemble setting (ValueError naming the problem otherwise).
+
+    YAML reads a bare ``off`` as false: that is ``off`` too.
+    """
+    if value is False:
+        return "off"
+    if not isinstance(value, str):
+        return value  # pydantic's own type error names it
     value = value.strip()
     if value not in ("chosen", "off"):
         Ensemble.parse(value)

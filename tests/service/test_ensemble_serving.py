@@ -166,3 +166,12 @@ def test_robustness_json_chooses_the_ensemble_and_settings_override_it(tiny_repo
 def test_bad_ensemble_settings_are_one_line_errors(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
         ServeSettings.build("/models", environ={}, overrides=overrides)
+
+
+def test_yaml_off_is_off(tmp_path: Any) -> None:
+    config = tmp_path / "steady.yaml"
+    config.write_text("ensemble: off\nmodel_ensemble: {tiny: knight5@0.15, other: off}\n")  # YAML reads off as false
+    s = ServeSettings.build("/models", config=config, environ={})
+    assert s.ensemble == "off" and s.model_ensemble == {"tiny": "knight5@0.15", "other": "off"}
+    assert s.ensemble_of("other", {"ensemble": {"offsets": [[0, 0], [2, 1]]}}) is None
+    assert s.ensemble_of("tiny", None) == Ensemble.parse("knight5@0.15")
