@@ -8,6 +8,7 @@ GCS, raylet, agents...) is divided by the requests answered. ``uvicorn`` is the 
 without Ray: the floor of a Python ASGI server.
 
     python -m benchmarks.ingress --rounds 2
+    python -m benchmarks.ingress --steady-route models efficientnet-lite0 photo.jpg   # Steady's own share
 
 Variants:
     starlette       ``@serve.ingress`` with a Starlette app (Steady's layout), HAProxy + direct ingress
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VARIANTS", "measure"]
+__all__ = ["VARIANTS", "measure", "steady_route_cost"]
 
 VARIANTS = ("starlette", "raw-asgi", "call", "no-access-log", "no-ingress-metrics", "default-proxy", "uvicorn")
 ANSWER = {"model": "m", "version": 1, "stage": "production",
@@ -181,17 +182,104 @@ def measure(variant: str, concurrency: int, seconds: float, workdir: Path) -> di
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def steady_route_cost(repo: str, model: str, body: bytes, requests: int = 2000, rounds: int = 3,
+                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Steady's own CPU per ``POST /v1/models/MODEL:classify``, in this process, without Ray or a socket.
+
+    The Starlette app of :func:`service.routes.build_routes` is called as ASGI with the real data plane
+    (validation, routing, admission, decode + preprocessing of ``body`` in the decode threads, top-k,
+    JSON, metrics in memory) and an ``infer`` that returns the model's warm-up answer (no model time).
+    Eight requests are in flight at a time. Returns the CPU ms per request of this process (the best of
+    ``rounds``) with the preprocessing share measured apart."""
+    import asyncio
+    import random
+
+    import numpy as np
+
+    from service.core.repository import ModelRepository
+    from service.dataplane import DataPlane
+    from service.metrics import Metrics
+    from service.routes import build_routes
+    from service.settings import ServeSettings
+
+    s = ServeSettings.build(repo, environ={}, overrides={"live_fraction": 0.0, "seed": 0, **(settings or {})})
+    logits: dict[str, np.ndarray] = {}
+
+    async def infer(served: Any, tensor: np.ndarray) -> np.ndarray:
+        return logits.setdefault(served.model, np.zeros(served.card.num_classes, dtype=np.float32))
+
+    plane = DataPlane(s, ModelRepository(repo), Metrics("memory"), infer=infer, rng=random.Random(0))
+    plane.load_all()
+    app = build_routes(plane, s, Metrics("memory"))
+    path = f"/v1/models/{model}:classify"
+
+    async def one() -> int:
+        sent = False
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": b"top_k=5", "root_path": "",
+                 "headers": [(b"content-type", b"image/jpeg"), (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+        return status
+
+    async def run(n: int) -> float:
+        c0 = time.process_time()
+        for start in range(0, n, 8):
+            codes = await asyncio.gather(*(one() for _ in range(min(8, n - start))))
+            if any(code != 200 for code in codes):
+                raise RuntimeError(f"classify answered {codes}")
+        return 1000 * (time.process_time() - c0) / n
+
+    async def main_() -> dict[str, float]:
+        await run(50)  # warm
+        route = min([await run(requests) for _ in range(rounds)])
+        served = plane.lookup(model, None)
+        c0 = time.process_time()
+        for _ in range(200):
+            served.pre.process(body)
+        pre = 1000 * (time.process_time() - c0) / 200
+        return {"cpu_ms_per_request": round(route, 3), "preprocess_cpu_ms": round(pre, 3),
+                "steady_own_cpu_ms": round(route - pre, 3)}
+
+    return {"variant": "steady-route", "model": model, "body_bytes": len(body), "settings": settings or {},
+            **asyncio.run(main_())}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, interleaved")
+    parser.add_argument("--steady-route", nargs=3, metavar=("REPO", "MODEL", "IMAGE"),
+                        help="instead: Steady's own CPU per classify request in process (no Ray), for IMAGE")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="with --steady-route: a serve setting (repeatable), e.g. inline_decode_bytes=65536")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _serve(args.child, args.port)
+        return
+    if args.steady_route:
+        repo, model, image = args.steady_route
+        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        print(json.dumps(steady_route_cost(repo, model, Path(image).read_bytes(), settings=overrides)))
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
