@@ -62,6 +62,12 @@ class BenchOptions:
         large: also run with 12 MP JPEGs generated from the photos into a temp dir.
         ceiling_s: seconds per in-process ceiling measurement.
         client: ``wrk``, ``aiohttp`` or ``auto`` (wrk when on PATH).
+        plain: also start :mod:`benchmarks.plain_server` (FastAPI + ONNX Runtime + Pillow, no batching) on
+            the same version and drive it right after each served run, with the same client and images.
+        compare_url: an already running plain server to drive the same way (instead of starting one).
+        compare_version: another version the service serves (its production or candidate, e.g. an int8
+            version of the same model), driven with ``?version=`` right after each served run; the
+            served run then names its own version too, so no canary draw mixes the two.
     """
 
     repo: str
@@ -79,6 +85,9 @@ class BenchOptions:
     client: str = "auto"
     warmup_s: float = 2.0
     extra: dict[str, Any] = field(default_factory=dict)
+    plain: bool = False
+    compare_url: str | None = None
+    compare_version: int | None = None
 
     def __post_init__(self) -> None:
         if not self.concurrency or any(c < 1 for c in self.concurrency):
@@ -376,6 +385,65 @@ def run_aiohttp(url: str, paths: Sequence[Path], concurrency: int, duration_s: f
             "non_2xx": non2xx, "socket_errors": errors, "client_cpu": round(client_cpu, 3)}
 
 
+# ------------------------------------------------------------------------ the plain comparison
+class PlainServer:
+    """:mod:`benchmarks.plain_server` in a child process on a free loopback port."""
+
+    def __init__(self, version_dir: Path, log: Path, threads: int = 0) -> None:
+        from service.launcher import free_port
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.plain_server", str(version_dir),
+                                      "--port", str(self.port), "--threads", str(threads)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> float:
+        import httpx
+
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise SteadyError(f"the plain server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.base}/v2/health/ready", timeout=2.0).status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SteadyError(f"the plain server was not ready within {timeout_s:.0f} s")
+
+    def processes(self) -> list[Any]:
+        import psutil
+
+        try:
+            return [psutil.Process(self.proc.pid)]
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _served_run(load: Any, c: int, seconds: float, procs: Sequence[Any]) -> tuple[dict[str, Any], dict[str, float] | None,
+                                                                                   float | None]:
+    """One load run: (client result, cores used per process name, CPU ms per image over ``procs``)."""
+    cpu0, t0 = cpu_times(procs), time.perf_counter()
+    served = load(c, seconds)
+    elapsed = time.perf_counter() - t0
+    cores = cpu_share(cpu0, cpu_times(procs), elapsed) if procs else None
+    ms = round(1000 * cores["total"] * elapsed / max(1, served["requests"]), 2) if cores else None
+    return served, cores, ms
+
+
 # ------------------------------------------------------------------------ the benchmark
 def _settings(opts: BenchOptions) -> Any:
     from service.settings import ServeSettings
@@ -398,7 +466,8 @@ def _check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -
 
 
 def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ceiling, url: str,
-               service: ServeProcess | None, workdir: Path, log: Any) -> dict[str, Any]:
+               service: ServeProcess | None, workdir: Path, log: Any, plain_url: str | None = None,
+               plain: PlainServer | None = None, version_url: str | None = None) -> dict[str, Any]:
     bodies = [p.read_bytes() for p in paths]
     client = opts.client if opts.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     log(f"[{name}] {len(paths)} images, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; client {client}")
@@ -414,32 +483,68 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     log(f"[{name}] ceiling sweep (images/s by batch size): "
         f"{ {b: (r['images_per_s'], r['mode']) for b, r in sweep.items()} }; best {best}")
 
-    def load(c: int, seconds: float) -> dict[str, Any]:
-        if client == "wrk":
-            return run_wrk(url, paths, c, seconds, workdir)
-        return run_aiohttp(url, paths, c, seconds)
+    def loader(target: str) -> Any:
+        def load(c: int, seconds: float) -> dict[str, Any]:
+            if client == "wrk":
+                return run_wrk(target, paths, c, seconds, workdir)
+            return run_aiohttp(target, paths, c, seconds)
+        return load
 
+    load = loader(url)
     load(max(opts.concurrency), opts.warmup_s)  # warm connections, batches, caches
+    plain_load = loader(plain_url) if plain_url else None
+    plain_agreement = None
+    if plain_load is not None:
+        plain_agreement = _check_answers(plain_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
+        log(f"[{name}] plain server top-1 == in-process top-1 on {plain_agreement:.1%} (its own resize + crop)")
+        plain_load(max(opts.concurrency), opts.warmup_s)
+    version_load = loader(version_url) if version_url else None
+    version_agreement = None
+    if version_load is not None:
+        version_agreement = _check_answers(version_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
+        log(f"[{name}] version {opts.compare_version}: top-1 == version {ceiling.served.version} in-process on "
+            f"{version_agreement:.1%}")
+        version_load(max(opts.concurrency), opts.warmup_s)
     runs = []
     before = ceiling.throughput(bodies, best, opts.ceiling_s)
     for c in opts.concurrency:
         pids = service.processes() if service else []
-        cpu0, t0 = cpu_times(pids), time.perf_counter()
-        served = load(c, opts.duration_s)
-        seconds = time.perf_counter() - t0
-        service_cpu = cpu_share(cpu0, cpu_times(pids), seconds) if service else None
+        served, service_cpu, service_ms = _served_run(load, c, opts.duration_s, pids)
+        plain_run = None
+        if plain_load is not None:  # the same client, images and concurrency, right after
+            p_served, p_cpu, p_ms = _served_run(plain_load, c, opts.duration_s, plain.processes() if plain else [])
+            plain_run = {**p_served, "cpu_cores": p_cpu, "cpu_ms_per_image": p_ms}
+        version_run = None
+        if version_load is not None:  # the other version, same service, client, images and concurrency
+            v_served, v_cpu, v_ms = _served_run(version_load, c, opts.duration_s, pids)
+            version_run = {"version": opts.compare_version, **v_served, "service_cpu_cores": v_cpu,
+                           "service_cpu_ms_per_image": v_ms}
         after = ceiling.throughput(bodies, best, opts.ceiling_s)
         ceil = (before["images_per_s"] + after["images_per_s"]) / 2
         run = {"concurrency": c, **served, "ceiling_images_per_s": round(ceil, 2),
                "ceiling_before": before, "ceiling_after": after,
                "ratio": round(served["images_per_s"] / ceil, 3), "service_cpu_cores": service_cpu,
                # contention-proof efficiency: CPU spent per image, by the whole service vs in-process
-               "service_cpu_ms_per_image": round(1000 * service_cpu["total"] * seconds / max(1, served["requests"]), 2)
-               if service_cpu else None,
+               "service_cpu_ms_per_image": service_ms,
                "ceiling_cpu_ms_per_image": round((before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2, 2)}
         # the same ratio counted in CPU time: unaffected by how much CPU other work on the machine takes
         run["cpu_ratio"] = (round(run["ceiling_cpu_ms_per_image"] / run["service_cpu_ms_per_image"], 3)
                             if run["service_cpu_ms_per_image"] else None)
+        if version_run is not None:
+            run["compare_version"] = version_run
+            run["version_vs_main"] = round(version_run["images_per_s"] / max(served["images_per_s"], 1e-9), 3)
+            log(f"[{name}] c={c}: version {opts.compare_version} served {version_run['images_per_s']} img/s, "
+                f"{run['version_vs_main']}x version {ceiling.served.version}; CPU ms/image "
+                f"{version_run['service_cpu_ms_per_image']}")
+        if plain_run is not None:
+            run["plain"] = plain_run
+            run["vs_plain"] = round(served["images_per_s"] / max(plain_run["images_per_s"], 1e-9), 3)
+            run["plain_ratio"] = round(plain_run["images_per_s"] / ceil, 3)
+            if plain_run["cpu_ms_per_image"] and run["service_cpu_ms_per_image"]:
+                run["vs_plain_cpu"] = round(plain_run["cpu_ms_per_image"] / run["service_cpu_ms_per_image"], 3)
+            log(f"[{name}] c={c}: plain server {plain_run['images_per_s']} img/s (ratio {run['plain_ratio']}), "
+                f"CPU ms/image {plain_run['cpu_ms_per_image']}; Steady / plain {run['vs_plain']} "
+                f"(CPU: {run.get('vs_plain_cpu')})")
         log(f"[{name}] c={c}: served {served['images_per_s']} img/s, ceiling {ceil:.1f}, ratio {run['ratio']}, "
             f"p50/p95/p99 {served['p50_ms']}/{served['p95_ms']}/{served['p99_ms']} ms, "
             f"client {served['client_cpu']} core, errors {served['non_2xx'] + served['socket_errors']}; CPU ms/image "
@@ -452,7 +557,8 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
               for k in single_before}
     return {
         "name": name, "images": len(paths), "mean_bytes": int(np.mean([len(b) for b in bodies])),
-        "top1_agreement": round(agreement, 4), "single_image_ms": single,
+        "top1_agreement": round(agreement, 4), "plain_top1_agreement": plain_agreement,
+        "compare_version_top1_agreement": version_agreement, "single_image_ms": single,
         "single_image_ms_before_after": [single_before, single_after],
         "ceiling_by_batch_size": {str(k): v for k, v in sweep.items()}, "ceiling_batch_size": best,
         "service_idle_cpu_cores": idle,
@@ -475,8 +581,17 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="steady-bench-") as tmp:
         workdir = Path(tmp)
         service: ServeProcess | None = None
+        plain: PlainServer | None = None
         memory: dict[str, Any] | None = None
         try:
+            plain_url = opts.compare_url.rstrip("/") if opts.compare_url else None
+            if opts.plain and not plain_url:
+                plain = PlainServer(repo.version_dir(opts.model, version), workdir / "plain.log",
+                                    threads=int(settings.ort_threads))
+                log(f"plain server ready in {plain.wait_ready():.1f} s")
+                plain_url = plain.base
+            if plain_url:
+                plain_url = f"{plain_url}/v1/models/{opts.model}:classify"
             if opts.url:
                 base = opts.url.rstrip("/")
                 import httpx
@@ -491,8 +606,13 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
                 base = service.base
                 log(f"ready in {ready_s:.1f} s (from launching `steady serve` to /v2/health/ready == 200)")
             url = f"{base}/v1/models/{opts.model}:classify"
+            version_url = None
+            if opts.compare_version is not None:
+                version_url = f"{url}?version={opts.compare_version}"
+                url = f"{url}?version={version}"
             ceiling = Ceiling(str(opts.repo), opts.model, version, settings)
-            sets = [_image_set("photos", paths, opts, ceiling, url, service, workdir, log)]
+            sets = [_image_set("photos", paths, opts, ceiling, url, service, workdir, log, plain_url, plain,
+                               version_url)]
             if service:
                 memory = memory_of(service.processes())
                 log(f"service memory: PSS {memory['pss_mb']} MB over {memory['processes']} processes "
@@ -500,17 +620,21 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
             if opts.large:
                 log(f"generating {opts.large_images} 12 MP JPEGs ...")
                 large = make_large_photos(paths, workdir / "large", opts.large_images)
-                sets.append(_image_set("large-12mp", large, opts, ceiling, url, service, workdir, log))
+                sets.append(_image_set("large-12mp", large, opts, ceiling, url, service, workdir, log, plain_url, plain,
+                                       version_url))
             if service:
                 after = memory_of(service.processes())
                 if memory is None or after["pss_mb"] > memory["pss_mb"]:
                     memory = after
         finally:
+            if plain:
+                plain.stop()
             if service:
                 service.stop()
                 service.cleanup()
     return {
-        "model": opts.model, "version": version, "url": opts.url or "started by the benchmark",
+        "model": opts.model, "version": version, "precision": repo.card(opts.model, version).precision,
+        "url": opts.url or "started by the benchmark",
         "settings": {k: getattr(settings, k) for k in ("max_batch_size", "batch_wait_timeout_s", "ort_threads",
                                                           "decode_threads", "replica_cpus", "num_replicas",
                                                           "proxy", "live_fraction")},
@@ -524,12 +648,17 @@ def bench_serve(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
         "runs": sets[0]["runs"],
         "ratio": {str(r["concurrency"]): r["ratio"] for r in sets[0]["runs"]},
         "cpu_ratio": {str(r["concurrency"]): r["cpu_ratio"] for r in sets[0]["runs"]},
+        "vs_plain": {str(r["concurrency"]): r["vs_plain"] for r in sets[0]["runs"] if "vs_plain" in r} or None,
+        "compare_version": None if opts.compare_version is None else {
+            "version": opts.compare_version,
+            "precision": repo.card(opts.model, opts.compare_version).precision,
+            "vs_main": {str(r["concurrency"]): r["version_vs_main"] for r in sets[0]["runs"]}},
         "single_image_ms": sets[0]["single_image_ms"]["p50_ms"],
     }
 
 
 def format_report(doc: dict[str, Any]) -> str:
-    lines = [f"steady bench serve: {doc['model']} v{doc['version']} on {doc['cpus']} CPUs "
+    lines = [f"steady bench serve: {doc['model']} v{doc['version']} ({doc.get('precision')}) on {doc['cpus']} CPUs "
              f"(load {doc['load_average_before'][0]} -> {doc['load_average_after'][0]})"]
     if doc["ready_s"] is not None:
         lines.append(f"ready {doc['ready_s']} s")
@@ -547,4 +676,16 @@ def format_report(doc: dict[str, Any]) -> str:
                          f"{r['ratio']:>6.3f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                          f"{r['non_2xx'] + r['socket_errors']:>6} {r['client_cpu']:>7.3f} "
                          f"{str(r['service_cpu_ms_per_image']) + ' / ' + str(r['ceiling_cpu_ms_per_image']):>20}")
+            if "compare_version" in r:
+                vr = r["compare_version"]
+                lines.append(f"{'v' + str(vr['version']):>5} {vr['images_per_s']:>9.1f} {'':>9} {'':>6} "
+                             f"{vr['p50_ms']:>8.1f} {vr['p95_ms']:>8.1f} {vr['p99_ms']:>8.1f} "
+                             f"{vr['non_2xx'] + vr['socket_errors']:>6} {vr['client_cpu']:>7.3f} "
+                             f"{str(vr['service_cpu_ms_per_image']):>20}   {r['version_vs_main']}x v{doc['version']}")
+            if "plain" in r:
+                pr = r["plain"]
+                lines.append(f"{'plain':>5} {pr['images_per_s']:>9.1f} {'':>9} {r['plain_ratio']:>6.3f} "
+                             f"{pr['p50_ms']:>8.1f} {pr['p95_ms']:>8.1f} {pr['p99_ms']:>8.1f} "
+                             f"{pr['non_2xx'] + pr['socket_errors']:>6} {pr['client_cpu']:>7.3f} "
+                             f"{str(pr['cpu_ms_per_image']):>20}   Steady/plain {r['vs_plain']}")
     return "\n".join(lines)

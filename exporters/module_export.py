@@ -16,7 +16,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 from service.core.card import ModelCard
 from service.core.repository import ModelRepository, validate_name
@@ -42,6 +43,8 @@ def export_module(
     resolutions: Sequence[int] | None = None,
     tolerance: float | None = None,
     precision: str = "fp32",
+    calibration: str | Path | None = None,
+    quantize: Any = None,
 ) -> ModelCard:
     """Export ``module`` to ONNX, prove parity, and store a new version.
 
@@ -60,7 +63,11 @@ def export_module(
         precision: ``fp32``, or ``fp16``: weights and activations in half precision
             inside the graph (inputs and logits stay float32), for GPUs. An fp16 export is
             compared with the float32 PyTorch module and must agree on top-1 for at least
-            99.5% of the inputs.
+            99.5% of the inputs. ``int8``: the fp32 export (parity-checked against PyTorch) is
+            quantized by :mod:`exporters.quantize` on the photos in ``calibration``; only the int8
+            version is stored, with its parity against the fp32 graph.
+        calibration: the folder of photos an int8 export is calibrated on.
+        quantize: :class:`exporters.quantize.QuantizeOptions` of an int8 export (default: its defaults).
 
     Returns:
         The stored card, with its version and parity record.
@@ -71,9 +78,12 @@ def export_module(
         ParityError: ONNX Runtime and PyTorch disagree, with the numbers.
     """
     name = validate_name(name or card.name)
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
-    card = card.replace(name=name, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME, precision=precision)
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and calibration is None:
+        raise ValueError("an int8 export needs the calibration photos (calibration=FOLDER)")
+    card = card.replace(name=name, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+                        precision="fp32" if precision == "int8" else precision)
     module.eval()
     if precision == "fp16":
         onnx_bytes = to_onnx(_half_precision(module), card.resolution, opset=opset)
@@ -86,6 +96,11 @@ def export_module(
                               tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
     _log.info("%s parity: max abs logit difference %.3g, top-1 agreement %.3f on %d inputs at %s px",
               name, parity.max_abs_diff, parity.top1_agreement, len(parity.images), parity.resolutions)
+    if precision == "int8":
+        from exporters.quantize import QuantizeOptions, quantize_onnx
+
+        int8, quantization, parity = quantize_onnx(onnx_bytes, card, calibration, quantize or QuantizeOptions())
+        return repo.add(name, int8, card.replace(precision="int8", quantization=quantization, parity=parity))
     return repo.add(name, onnx_bytes, card.replace(parity=parity))
 
 

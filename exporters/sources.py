@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.card import ModelCard
-from service.core.errors import ExportError
+from service.core.errors import ExportError, InvalidInput
 from service.core.repository import ModelRepository, validate_name
 
 from exporters.card_fields import merge_fields, read_card_file
@@ -47,6 +47,8 @@ class ExportOptions:
     std: tuple[float, float, float] | None = None
     opset: int = 17
     precision: str = "fp32"
+    calibration: Path | None = None  # int8: the folder of photos to calibrate on
+    quantize: Any = None  # int8: exporters.quantize.QuantizeOptions (default: its defaults)
 
     def user_fields(self) -> dict[str, Any]:
         """Card fields from the YAML file, overridden by flags."""
@@ -103,8 +105,11 @@ def export_source(source: str, repo: ModelRepository, options: ExportOptions) ->
         from exporters.onnx_source import import_onnx
 
         if options.precision != "fp32":
-            raise ExportError("--precision applies to PyTorch sources; an onnx: file is stored as it is")
+            raise ExportError("--precision applies to PyTorch sources; an onnx: file is stored as it is "
+                              "(steady quantize makes an int8 version of a stored fp32 one)")
         return import_onnx(arg, fields, repo, name)
+    if options.precision == "int8" and options.calibration is None:
+        raise InvalidInput("--precision int8 needs --data DIR: the photos to calibrate on")
 
     from exporters.module_export import export_module
 
@@ -127,4 +132,5 @@ def export_source(source: str, repo: ModelRepository, options: ExportOptions) ->
         raise ExportError(f"{len(fields['labels'])} labels given but the model has {card.num_classes} classes")
     if "train_resolution" in fields and "test_resolution" not in fields:
         fields["test_resolution"] = fields["train_resolution"]
-    return export_module(module, card.replace(**fields), repo, name, opset=options.opset, precision=options.precision)
+    return export_module(module, card.replace(**fields), repo, name, opset=options.opset, precision=options.precision,
+                         calibration=options.calibration, quantize=options.quantize)

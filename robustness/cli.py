@@ -26,6 +26,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def _cmd_score(args: argparse.Namespace) -> int:
     from robustness.document import score_version
     from robustness.protocols import ProtocolConfig
+    from robustness.remedies import RemedyRule
     from robustness.report import explanation_summary, terminal_table, write_html
     from robustness.scorer import thumbnails
     from service.core.errors import ScoreError
@@ -52,14 +53,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
             kwargs["consistency_pairs"] = args.consistency_pairs
         if args.resolution_factors:
             kwargs["resolution_factors"] = args.resolution_factors
+        if args.ensembles is not None:
+            kwargs["ensembles"] = () if args.ensembles.strip() == "none" else _csv(args.ensembles)
         config = ProtocolConfig(**kwargs)
+        remedy_rule = RemedyRule(max_cost=args.max_cost, min_gain=args.min_gain)
     except ValueError as exc:
         raise ScoreError(str(exc)) from exc
     repo = ModelRepository(args.repo)
     version = repo.resolve(args.model, args.version)
     doc, dataset = score_version(repo, args.model, version, args.data, args.labels, config, args.seed,
                                         args.max_images, args.workers, args.ray_address,
-                                        progress=not args.no_progress, batch_size=args.batch_size)
+                                        progress=not args.no_progress, batch_size=args.batch_size,
+                                        remedy_rule=remedy_rule, half=args.half, split_seed=args.split_seed)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
     if args.out:
         out = Path(args.out)
@@ -69,7 +74,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         explanations = _explain_flips(repo, args, version, doc, dataset) if args.explain else None
         if explanations is not None:
             atomic_write_json(out / "explanations.json", explanations.to_dict())
-        write_html(doc, out / "report.html", thumbs, explanations)
+        write_html(doc, out / "report.html", thumbs, explanations=explanations)
     if args.json:
         print(json.dumps(doc))
     else:
@@ -203,6 +208,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocols", help="comma list of pan,scale,embed,consistency,resolution (default all)")
     p.add_argument("--policies", help="comma list of center,object (default both)")
     p.add_argument("--max-images", type=int, help="score only the first N images (sorted)")
+    p.add_argument("--half", choices=("calibration", "holdout"),
+                   help="score one half of the seeded split int8 calibration uses (steady quantize): holdout for "
+                        "like-for-like int8/fp32 comparisons (a quantized version is never scored on its own "
+                        "calibration photos either way)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for positions, offsets and bootstrap (default 0)")
     p.add_argument("--workers", type=int, default=0, help="shard images over N local Ray workers")
     p.add_argument("--ray-address", help="shard images over an existing Ray cluster")
@@ -213,6 +223,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-positions", type=int, help="random positions per embed size (default 2)")
     p.add_argument("--consistency-pairs", type=int, help="random crop pairs per image (default 1)")
     p.add_argument("--resolution-factors", type=_floats, help="FixRes factors (default 0.875,1,1.15,1.3,1.5)")
+    p.add_argument("--ensembles", help="comma list of shift-ensemble settings measured as variants of every policy, "
+                                       "PRESET[@MARGIN] or x,y;x,y;...[@MARGIN] (presets knight5, square4, diagonal4; "
+                                       "default knight5@0.1,knight5@0.15,knight5@0.2; 'none' for none)")
+    p.add_argument("--max-cost", type=float, default=1.5,
+                   help="compute budget of the choice: model evaluations per answer (default 1.5; keep it equal "
+                        "to the gate's max compute.per_answer)")
+    p.add_argument("--min-gain", type=float, default=0.25,
+                   help="fraction of the flips a costlier setting must remove on every pan variant, beyond the "
+                        "95%% interval (default 0.25)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the robustness.json document")
     p.add_argument("--explain", type=int, default=8, metavar="N",

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.core.images import is_image_file
+from service.core.images import HALVES, half_of, is_image_file
 from service.core.errors import ScoreError
 
 __all__ = ["Item", "Dataset", "load_dataset"]
@@ -33,6 +33,9 @@ class Dataset:
     root: Path
     items: tuple[Item, ...]
     fingerprint: str
+    half: str | None = None   # the half of the seeded split scored (None: every image)
+    split_seed: int = 0
+    excluded: int = 0         # images left out because they calibrated the version
 
     @property
     def labelled(self) -> bool:
@@ -56,16 +59,28 @@ def _read_labels(csv_path: Path) -> dict[str, int]:
         raise ScoreError(f"cannot read labels CSV {csv_path}: {exc}") from exc
 
 
-def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_images: int | None = None) -> Dataset:
+def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_images: int | None = None, *,
+                 half: str | None = None, split_seed: int = 0, exclude_sha256: frozenset[str] = frozenset()) -> Dataset:
     """Sorted images under ``root`` (recursively), their labels, and a sha256 fingerprint.
 
     The fingerprint covers every selected file's relative path, bytes and label, so a
-    robustness.json can be checked against the data it was measured on.
+    robustness.json can be checked against the data it was measured on. ``half`` keeps one half
+    of the seeded split (:func:`service.core.images.half_of`, the split int8 calibration uses);
+    images whose sha256 is in ``exclude_sha256`` (a quantized version's calibration photos) are
+    left out, before ``max_images`` applies.
     """
     root = Path(root)
     if not root.is_dir():
         raise ScoreError(f"data folder {root} does not exist")
+    if half is not None and half not in HALVES:
+        raise ScoreError(f"half must be one of {', '.join(HALVES)}, got {half!r}")
     files = sorted(p for p in root.rglob("*") if is_image_file(p))
+    if half is not None:
+        files = [p for p in files if half_of(p.relative_to(root).as_posix(), split_seed) == half]
+    excluded = 0
+    if exclude_sha256:
+        kept = [p for p in files if hashlib.sha256(p.read_bytes()).hexdigest() not in exclude_sha256]
+        excluded, files = len(files) - len(kept), kept
     if max_images is not None:
         if max_images < 1:
             raise ScoreError(f"--max-images must be >= 1, got {max_images}")
@@ -90,4 +105,4 @@ def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_ima
             raise ScoreError(f"image {name} has no row in {labels_csv}")
         digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest() + str(label).encode() + b"\n")
         items.append(Item(i, name, label))
-    return Dataset(root, tuple(items), digest.hexdigest())
+    return Dataset(root, tuple(items), digest.hexdigest(), half, split_seed, excluded)

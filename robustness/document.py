@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from robustness.data import Dataset, load_dataset
+from robustness.remedies import RemedyRule, aggregate_remedies, choose_remedy, remedy_summary
 from robustness.schema import ROBUSTNESS_SCHEMA_VERSION
 from robustness.scorer import (ScoreOptions, aggregate, choose, iter_progress, run_local, run_ray, summary,
                                summary_ci95)
@@ -21,12 +22,20 @@ __all__ = ["score_version"]
 
 def score_version(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
                          seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
-                         progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Dataset]:
-    """Score a stored version and return the robustness.json document (and the dataset)."""
+                         progress: bool = False, batch_size: int = 32,
+                         remedy_rule: RemedyRule = RemedyRule(), half: str | None = None,
+                         split_seed: int = 0) -> tuple[dict[str, Any], Dataset]:
+    """Score a stored version and return the robustness.json document (and the dataset).
+
+    ``remedies`` holds every ensemble variant against its bare policy; ``chosen.ensemble`` the one the
+    cost rule picked (its measurements replace the bare policy's in ``summary``). ``half`` scores one
+    half of the seeded split only; a quantized version is never scored on its calibration photos.
+    """
 
     loaded = repo.load(model, version)
     card = loaded.card
-    dataset = load_dataset(data, labels, max_images)
+    calibrated = frozenset(card.quantization.calibration_sha256) if card.quantization else frozenset()
+    dataset = load_dataset(data, labels, max_images, half=half, split_seed=split_seed, exclude_sha256=calibrated)
     options = ScoreOptions(batch_size=batch_size)
     with iter_progress(len(dataset.items), progress) as bar:
         if workers > 0 or ray_address:
@@ -35,8 +44,11 @@ def score_version(repo: Any, model: str, version: int, data: str, labels: str | 
         else:
             records, timing = run_local(loaded.onnx_bytes, card, dataset, config, seed, options, bar.update)
     result = aggregate(records, card, config, seed, dataset.labelled)
-    chosen = choose(result, card, config)
-    flat = summary(result, chosen, card)
+    remedies = aggregate_remedies(records, config, seed, dataset.labelled)
+    chosen = choose_remedy(choose(result, card, config), remedies, card, remedy_rule)
+    stats = remedy_summary(remedies, chosen, len(dataset.items))
+    flat = dict(summary(result, chosen, card), **{k: float(v["value"]) for k, v in stats.items()})
+    intervals = dict(summary_ci95(result, chosen, card), **{k: v["ci95"] for k, v in stats.items()})
     doc = {
         "schema_version": ROBUSTNESS_SCHEMA_VERSION,
         "model": model,
@@ -45,16 +57,21 @@ def score_version(repo: Any, model: str, version: int, data: str, labels: str | 
         "card": {"train_resolution": card.train_resolution, "test_resolution": card.resolution,
                  "crop_pct": card.crop_pct, "interpolation": card.interpolation, "policy": card.policy},
         "data": {"path": str(Path(data).resolve()), "fingerprint": dataset.fingerprint,
-                 "images": len(dataset.items), "labelled": dataset.labelled},
+                 "images": len(dataset.items), "labelled": dataset.labelled, "half": dataset.half,
+                 "split_seed": dataset.split_seed, "excluded_calibration_photos": dataset.excluded},
+        "precision": card.precision,
         "seed": seed,
         "config": config.to_dict(),
         "accuracy": result["accuracy"],
         "protocols": result["protocols"],
         "summary": flat,
-        "summary_ci95": summary_ci95(result, chosen, card),
+        "summary_ci95": intervals,
         "chosen": chosen,
+        "remedies": remedies,
         "most_flipping": result["most_flipping"],
         "timing": {"seconds": round(timing["seconds"], 3), "evaluations": int(timing["evaluations"]),
+                   "infer_seconds": None if timing["infer_seconds"] != timing["infer_seconds"]
+                   else round(timing["infer_seconds"], 3),
                    "evaluations_per_s": round(timing["evaluations"] / max(timing["seconds"], 1e-9), 2),
                    "workers": workers or None, "ray_address": ray_address},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

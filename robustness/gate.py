@@ -6,13 +6,25 @@ scores, calls :func:`decide`, and writes ``gate.json`` next to the model.
 
 Policy YAML (keys are robustness.json ``summary`` keys; values numbers)::
 
-    max:        {pan.p_change: 0.08, scale.flip_probability: 0.15}
+    max:        {pan.p_change: 0.08, scale.flip_probability: 0.15, compute.per_answer: 1.5}
     min:        {accuracy.top1: 0.70}
     regression: {pan.p_change: 0.01, accuracy.top1: -0.01}   # allowed change vs production
+    steadier:                                                # optional: a remedy must beat production
+      margin: 0.25                                           # each flip key <= (1 - margin) x production's
+      flips: [pan.p_change, pan.flip_probability, pan.p_change_vertical]
+      accuracy: [accuracy.top1]                              # not below production's 95% interval
 
 A ``regression`` limit is the allowed change ``candidate - production``: for a key where lower
 is better (flip metrics) the limit is an allowed increase (>= 0); for a key where higher is
 better (accuracy, consistency) it is an allowed decrease, written as a negative number.
+
+``compute.per_answer`` is the compute budget: model evaluations per answer of the serving setting
+``steady score`` chose (1 for a bare policy, more with a shift ensemble).
+
+``steadier`` requires the candidate to flip less than production by a margin on every listed flip
+key, with every listed accuracy key not lower than production's beyond production's 95% interval
+(value >= its lower bound). Without a production version to compare with it passes, like
+``regression``.
 """
 
 from __future__ import annotations
@@ -26,10 +38,10 @@ from typing import Any, Mapping
 
 from service.core.errors import GateError
 
-__all__ = ["SECTIONS", "HIGHER_IS_BETTER", "GatePolicy", "Rule", "Decision", "parse_policy", "load_policy",
-           "decide", "run_gate", "GATE_SCHEMA_VERSION"]
+__all__ = ["SECTIONS", "HIGHER_IS_BETTER", "GatePolicy", "Steadier", "Rule", "Decision", "parse_policy",
+           "load_policy", "decide", "run_gate", "GATE_SCHEMA_VERSION"]
 
-SECTIONS = ("max", "min", "regression")
+SECTIONS = ("max", "min", "regression", "steadier")
 GATE_SCHEMA_VERSION = 1
 _EPS = 1e-9  # float noise in differences like 0.85 - 0.86
 HIGHER_IS_BETTER_PREFIXES = ("accuracy.", "consistency")
@@ -41,10 +53,20 @@ def higher_is_better(key: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Steadier:
+    """Flip keys must be at most ``(1 - margin)`` x production's; accuracy keys not below its interval."""
+
+    margin: float
+    flips: tuple[str, ...]
+    accuracy: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GatePolicy:
     max: Mapping[str, float] = field(default_factory=dict)
     min: Mapping[str, float] = field(default_factory=dict)
     regression: Mapping[str, float] = field(default_factory=dict)
+    steadier: Steadier | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +108,7 @@ def parse_policy(data: Any, known_keys: tuple[str, ...] | None = None) -> GatePo
     if unknown:
         raise GateError(f"unknown gate policy section(s) {unknown}: use {list(SECTIONS)}")
     sections: dict[str, dict[str, float]] = {}
-    for section in SECTIONS:
+    for section in SECTIONS[:3]:
         body = data.get(section) or {}
         if not isinstance(body, Mapping):
             raise GateError(f"gate policy section {section!r} must be a mapping of summary key -> number")
@@ -105,7 +127,36 @@ def parse_policy(data: Any, known_keys: tuple[str, ...] | None = None) -> GatePo
         if not higher_is_better(key) and value < 0:
             raise GateError(f"regression.{key} = {value}: lower is better for {key}, so the allowed change "
                             "must be >= 0 (e.g. 0.01)")
-    return GatePolicy(**sections)
+    return GatePolicy(**sections, steadier=_parse_steadier(data.get("steadier"), known_keys))
+
+
+def _parse_steadier(body: Any, known_keys: tuple[str, ...] | None) -> Steadier | None:
+    if body is None:
+        return None
+    if not isinstance(body, Mapping):
+        raise GateError("gate policy section 'steadier' must be a mapping with margin, flips and accuracy")
+    unknown = sorted(str(k) for k in body if k not in ("margin", "flips", "accuracy"))
+    if unknown:
+        raise GateError(f"unknown field(s) {unknown} in section 'steadier': use margin, flips, accuracy")
+    margin = body.get("margin")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise GateError(f"steadier.margin must be a number in [0, 1) (the fraction of production's flips to "
+                        f"remove), got {margin!r}")
+    lists: dict[str, tuple[str, ...]] = {}
+    for name in ("flips", "accuracy"):
+        keys = body.get(name) or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise GateError(f"steadier.{name} must be a list of summary keys, got {keys!r}")
+        for key in keys:
+            if known_keys is not None and key not in known_keys:
+                raise GateError(f"unknown summary key {key!r} in steadier.{name}: use one of {list(known_keys)}")
+            if higher_is_better(key) != (name == "accuracy") or key == "compute.per_answer":
+                kind = "an accuracy (higher is better)" if name == "accuracy" else "a flip metric (lower is better)"
+                raise GateError(f"steadier.{name} lists {key!r}, which is not {kind}")
+        lists[name] = tuple(keys)
+    if not lists["flips"]:
+        raise GateError("steadier.flips must name at least one flip metric")
+    return Steadier(float(margin), lists["flips"], lists["accuracy"])
 
 
 def load_policy(path: str | Path, known_keys: tuple[str, ...] | None = None) -> tuple[GatePolicy, str]:
@@ -123,11 +174,13 @@ def load_policy(path: str | Path, known_keys: tuple[str, ...] | None = None) -> 
     return parse_policy(data, known_keys), hashlib.sha256(raw).hexdigest()
 
 
-def decide(summary: Mapping[str, float], policy: GatePolicy, production: Mapping[str, float] | None = None) -> Decision:
+def decide(summary: Mapping[str, float], policy: GatePolicy, production: Mapping[str, float] | None = None,
+           production_ci95: Mapping[str, Any] | None = None) -> Decision:
     """Pure: apply every rule of ``policy`` to ``summary`` (and production's summary for regressions).
 
     A key the policy names but the summary lacks fails its rule (a gate never passes by omission).
-    Regression rules pass when there is no production version to compare with.
+    Regression and steadier rules pass when there is no production version to compare with; a
+    steadier accuracy rule needs production's 95% interval (``production_ci95``, its ``summary_ci95``).
     """
     rules: list[Rule] = []
     for key, limit in policy.max.items():
@@ -157,7 +210,40 @@ def decide(summary: Mapping[str, float], policy: GatePolicy, production: Mapping
         ok = change >= allowed - _EPS if higher_is_better(key) else change <= allowed + _EPS
         rules.append(Rule("regression", key, allowed, v, base, ok,
                           f"{key} changed {change:+.4f} vs production {base:.4f} (allowed {allowed:+g})"))
+    if policy.steadier is not None:
+        rules.extend(_steadier(summary, policy.steadier, production, production_ci95 or {}))
     return Decision(all(r.passed for r in rules), tuple(rules))
+
+
+def _steadier(summary: Mapping[str, float], rule: Steadier, production: Mapping[str, float] | None,
+              production_ci95: Mapping[str, Any]) -> list[Rule]:
+    out: list[Rule] = []
+    for key in rule.flips + rule.accuracy:
+        v = summary.get(key)
+        if production is None:
+            out.append(Rule("steadier", key, rule.margin, v, None, True, f"{key}: no production version to compare with"))
+            continue
+        base = production.get(key)
+        if v is None or base is None:
+            out.append(Rule("steadier", key, rule.margin, v, base, False,
+                            f"{key} missing in {'candidate' if v is None else 'production'} scores"))
+            continue
+        if key in rule.flips:
+            limit = (1 - rule.margin) * base
+            ok = v <= limit + _EPS
+            out.append(Rule("steadier", key, rule.margin, v, base, ok,
+                            f"{key} = {v:.4f} {'<=' if ok else '>'} (1 - {rule.margin:g}) x production {base:.4f}"))
+            continue
+        ci = production_ci95.get(key)
+        if not ci:
+            out.append(Rule("steadier", key, rule.margin, v, base, False,
+                            f"{key}: production's 95% interval is unknown (score it again)"))
+            continue
+        ok = v >= float(ci[0]) - _EPS
+        out.append(Rule("steadier", key, rule.margin, v, base, ok,
+                        f"{key} = {v:.4f} {'>=' if ok else '<'} production's lower bound {float(ci[0]):.4f} "
+                        f"(production {base:.4f} [{float(ci[0]):.4f}, {float(ci[1]):.4f}])"))
+    return out
 
 
 def _f(v: float | None) -> str:
@@ -199,13 +285,16 @@ def run_gate(repo: Any, model: str, version: int, policy_path: str | Path) -> tu
     doc = read_scores(repo, model, version, sha)
     policy, policy_sha = load_policy(policy_path, SUMMARY_KEYS)
     production = None
+    production_ci95: dict[str, Any] = {}
     prod_version = repo.stages(model).production
-    if policy.regression and prod_version is not None and prod_version != version:
+    if (policy.regression or policy.steadier) and prod_version is not None and prod_version != version:
         try:
-            production = read_scores(repo, model, prod_version, repo.verify(model, prod_version))["summary"]
+            prod_doc = read_scores(repo, model, prod_version, repo.verify(model, prod_version))
         except SteadyError as exc:
             raise GateError(f"cannot compare with production v{prod_version}: {exc}") from exc
-    decision = decide(doc["summary"], policy, production)
+        production = prod_doc["summary"]
+        production_ci95 = prod_doc.get("summary_ci95") if isinstance(prod_doc.get("summary_ci95"), dict) else {}
+    decision = decide(doc["summary"], policy, production, production_ci95)
     intervals = doc.get("summary_ci95", {})
     out = {
         "schema_version": GATE_SCHEMA_VERSION,

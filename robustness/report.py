@@ -1,4 +1,8 @@
-"""The terminal table and the self-contained ``report.html`` (plots inlined as base64 PNG)."""
+"""The terminal table and the self-contained ``report.html`` (plots inlined as base64 PNG).
+
+The "Remedies" section puts the bare chosen policy, each of its shift-ensemble settings, and any
+other scored version passed as ``extra_docs`` (e.g. a tuned version's robustness.json) side by side.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["ANCHORS", "terminal_table", "write_html"]
+__all__ = ["ANCHORS", "terminal_table", "write_html", "remedies_table"]
 
 # Published anchors (ImageNet validation): the papers' own tables, quoted in each row.
 ANCHORS: list[tuple[str, str, str, str]] = [
@@ -39,8 +43,8 @@ def _rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any] | Non
         rows.append(("accuracy.top1", {p: doc["accuracy"][p]["top1"] for p in policies}))
         rows.append(("accuracy.top5", {p: doc["accuracy"][p]["top5"] for p in policies}))
     if "pan" in pr:
-        for k in ("p_change", "mac", "flip_probability"):
-            rows.append((f"pan.{k}", {p: pr["pan"][p][k] for p in policies}))
+        for k in ("p_change", "mac", "flip_probability", "p_change_vertical"):
+            rows.append((f"pan.{k}", {p: pr["pan"][p].get(k) for p in policies}))
     if "scale" in pr:
         for k in ("p_change", "flip_probability"):
             rows.append((f"scale.{k}", {p: pr["scale"][p][k] for p in policies}))
@@ -74,6 +78,97 @@ def _verdict(name: str, center: dict[str, Any] | None, obj: dict[str, Any] | Non
     return "no clear difference"
 
 
+_REMEDY_ROWS: list[tuple[str, str, str]] = [
+    # (row title, robustness.json summary key, key in a remedy setting's vs_bare)
+    ("pan diagonal P(change)", "pan.p_change", "pan.p_change"),
+    ("pan horizontal translate FP", "pan.flip_probability", "pan.flip_probability"),
+    ("pan vertical P(change)", "pan.p_change_vertical", "pan.p_change_vertical"),
+    ("pan MAC", "pan.mac", "pan.mac"),
+    ("scale +-5% P(change)", "scale.p_change", "scale.p_change"),
+    ("scale sequence FP", "scale.flip_probability", ""),
+    ("top-1", "accuracy.top1", "accuracy.top1"),
+]
+
+
+def _ms_per_evaluation(doc: dict[str, Any]) -> float | None:
+    t = doc.get("timing") or {}
+    infer, evaluations = t.get("infer_seconds"), t.get("evaluations")
+    if not infer or not evaluations:
+        return None
+    return 1000.0 * float(infer) / float(evaluations)
+
+
+def _cell(est: dict[str, Any] | None, digits: int = 4) -> str:
+    if est is None:
+        return "-"
+    return f"{est['value']:.{digits}f} [{est['ci95'][0]:.{digits}f}, {est['ci95'][1]:.{digits}f}]"
+
+
+def _bare_estimate(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The chosen bare policy's estimate of a summary key, from the protocols (not the summary)."""
+    p = doc["chosen"]["policy"]
+    group, _, metric = key.partition(".")
+    if group == "accuracy":
+        return (doc.get("accuracy") or {}).get(p, {}).get(metric)
+    return (doc.get("protocols") or {}).get(group, {}).get(p, {}).get(metric)
+
+
+def remedies_table(doc: dict[str, Any], extra_docs: Sequence[dict[str, Any]] = ()) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Column headers and (row title, cells) of the Remedies section.
+
+    Columns: the bare chosen policy; each shift-ensemble setting of that policy (a value [95% CI] and,
+    below it, x the ratio to bare [paired 95% CI] or the top-1 difference); each ``extra_docs`` version
+    (its own serving setting, scored on its own; ``fixed / broken`` needs the same images and model, so
+    it is shown for the ensembles only). ``ms per image`` = compute per answer x this run's measured
+    inference milliseconds per model evaluation (a shared machine's timing: compare columns, not runs).
+    """
+    policy = doc["chosen"]["policy"]
+    settings = [s for s in doc.get("remedies") or [] if s["policy"] == policy]
+    chosen_name = (doc["chosen"].get("remedy") or {}).get("chosen")
+    headers = [f"{policy} (bare)" + (" *" if chosen_name is None else "")]
+    headers += [s["ensemble"]["name"] + (" *" if s["name"] == chosen_name else "") for s in settings]
+    headers += [f"{d['model']} v{d['version']}" + ("" if d.get("data", {}).get("fingerprint") ==
+                                                   doc.get("data", {}).get("fingerprint") else " (other photos)")
+                for d in extra_docs]
+    rows: list[tuple[str, list[str]]] = []
+    for title, key, vs_key in _REMEDY_ROWS:
+        digits = 3 if key.startswith("accuracy") else 4
+        cells = [_cell(_bare_estimate(doc, key), digits)]
+        for s in settings:
+            group, _, metric = key.partition(".")
+            text = _cell(s.get(group, {}).get(metric), digits) if vs_key else "(not averaged: bare's)"
+            vs = s.get("vs_bare", {}).get(vs_key) if vs_key else None
+            if vs is not None:
+                text += (f" ({vs['value']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}])" if group == "accuracy"
+                         else f" x{vs['value']:.2f} [{vs['ci95'][0]:.2f}, {vs['ci95'][1]:.2f}]")
+            cells.append(text)
+        for d in extra_docs:
+            value, ci = d.get("summary", {}).get(key), d.get("summary_ci95", {}).get(key)
+            cells.append("-" if value is None else _cell({"value": value, "ci95": ci or [value, value]}, digits))
+        rows.append((title, cells))
+    n = doc["data"]["images"]
+    fixed = ["-"]
+    for s in settings:
+        a = s.get("answers") or {}
+        fixed.append(f"{a['fixed_top1']} / {a['broken_top1']} of {a['n_top1']}; {a['fixed_views']} / "
+                     f"{a['broken_views']} of {a['n_views']} views" if a else "-")
+    rows.append(("answers fixed / broken vs bare", fixed + ["-"] * len(extra_docs)))
+    compute = ["1.00"] + [_cell(s["compute"], 2) for s in settings]
+    compute += [f"{d.get('summary', {}).get('compute.per_answer', 1.0):.2f}" for d in extra_docs]
+    rows.append(("compute per answer", compute))
+    rows.append(("share of answers averaged", ["0"] + [_cell(s.get("used"), 3) for s in settings]
+                 + ["-"] * len(extra_docs)))
+    ms = _ms_per_evaluation(doc)
+    per_image = ["-" if ms is None else f"{ms:.1f}"]
+    per_image += ["-" if ms is None else f"{ms * s['compute']['value']:.1f}" for s in settings]
+    for d in extra_docs:
+        m = _ms_per_evaluation(d)
+        per_image.append("-" if m is None else f"{m * float(d.get('summary', {}).get('compute.per_answer', 1.0)):.1f}")
+    rows.append(("ms per image (inference)", per_image))
+    rows.append(("images", [str(n)] * (1 + len(settings)) + [str(d["data"]["images"]) for d in extra_docs]))
+    return headers, rows
+
+
 def terminal_table(doc: dict[str, Any]) -> str:
     policies = doc["config"]["policies"]
     width = 34
@@ -83,7 +178,17 @@ def terminal_table(doc: dict[str, Any]) -> str:
     for name, per in _rows(doc):
         lines.append(f"{name:<24}" + "".join(f"{_fmt(per[p]):<{width}}" for p in policies))
     ch = doc["chosen"]
-    lines.append(f"chosen: policy={ch['policy']} resolution={ch['resolution']}")
+    if doc.get("remedies"):
+        headers, rows = remedies_table(doc)
+        shown = dict(rows)
+        lines.append("remedies: value [95% CI] x ratio to bare [paired CI]  (* = chosen)")
+        for i, h in enumerate(headers):
+            lines.append(f"  {h}: " + "; ".join(f"{t} {shown[t][i]}" for t in (
+                "pan diagonal P(change)", "pan horizontal translate FP", "pan vertical P(change)", "top-1",
+                "answers fixed / broken vs bare", "compute per answer") if shown[t][i] != "-"))
+    ens = ch.get("ensemble")
+    lines.append(f"chosen: policy={ch['policy']} resolution={ch['resolution']} ensemble="
+                 + ("none" if not ens else f"{ens['name']} (compute {ens['compute']:.2f} per answer)"))
     t = doc.get("timing", {})
     if t:
         lines.append(f"{t.get('evaluations', 0):.0f} evaluations in {t.get('seconds', 0):.1f} s "
@@ -171,8 +276,13 @@ def _thumb_png(pixels: np.ndarray) -> str:
 
 
 def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarray] | None = None,
-               explanations: Any = None) -> Path:
-    """Write the self-contained report (with :func:`explanations_html` when ``explanations`` are given)."""
+               extra_docs: Sequence[dict[str, Any]] = (), explanations: Any = None) -> Path:
+    """Write the self-contained report; returns its path.
+
+    ``extra_docs``: robustness.json documents of other versions (e.g. tuned ones) to show beside the
+    ensembles in the Remedies section. ``explanations``: the flip explanations
+    (:func:`explanations_html`), when given.
+    """
     path = Path(path)
     policies = doc["config"]["policies"]
     e = html.escape
@@ -201,6 +311,8 @@ def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarr
                      + verdict + "</tr>")
     parts.append("</table><p><small>'object vs center' says helps/hurts only when the 95% intervals do not "
                  "overlap; otherwise 'no clear difference'.</small></p>")
+    if doc.get("remedies") or extra_docs:
+        parts.append(_remedies_html(doc, extra_docs))
     parts.append("<h2>Comparison with published anchors (ImageNet validation)</h2><table><tr><th>metric</th>"
                  "<th>published</th><th>source</th>" + "".join(f"<th>{e(p)}</th>" for p in policies) + "</tr>")
     rows = dict(_rows(doc))
@@ -239,6 +351,31 @@ def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarr
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))
     return path
+
+
+def _remedies_html(doc: dict[str, Any], extra_docs: Sequence[dict[str, Any]]) -> str:
+    e = html.escape
+    headers, rows = remedies_table(doc, extra_docs)
+    ens = doc["chosen"].get("ensemble")
+    out = ["<h2>Remedies</h2>",
+           f"<p>Serving: <b>{e(doc['chosen']['policy'])}</b>" + (f" with the shift ensemble <b>{e(ens['name'])}</b> "
+                                                                  f"({ens['compute']:.2f} model evaluations per answer)"
+                                                                  if ens else " without an ensemble") + " (* = chosen).</p>",
+           "<table><tr><th>metric</th>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr>"]
+    for title, cells in rows:
+        out.append(f"<tr><td>{e(title)}</td>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+    out.append("</table><p><small>Value [95% bootstrap interval over images]; for an ensemble, x its flip rate over "
+               "the bare policy's [paired bootstrap interval] or its top-1 difference. An ensemble answers the base "
+               "view, the pan views and the scale protocol's +-5% frames as the service would (copies averaged "
+               "where the bare margin is under its threshold); the zoom sequence keeps the bare answers. Fixed / "
+               "broken: answers the bare policy got wrong and the ensemble right, and the reverse, on the base view "
+               "and on every answered view. ms per image: compute per answer x this run's inference time per model "
+               "evaluation.</small></p>")
+    verdicts = (doc["chosen"].get("remedy") or {}).get("candidates") or []
+    if verdicts:
+        out.append("<ul>" + "".join(f"<li>{e(v['name'])}: {'admissible' if v['admissible'] else e(v['why_not'])}</li>"
+                                    for v in verdicts) + "</ul>")
+    return "\n".join(out)
 
 
 def _legends(axes: Any) -> None:

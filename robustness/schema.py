@@ -8,9 +8,9 @@ __all__ = ["ROBUSTNESS_SCHEMA_VERSION", "SUMMARY_KEYS", "validate"]
 
 ROBUSTNESS_SCHEMA_VERSION = 1
 SUMMARY_KEYS: tuple[str, ...] = (
-    "accuracy.top1", "accuracy.top5", "pan.p_change", "pan.mac", "pan.flip_probability",
+    "accuracy.top1", "accuracy.top5", "pan.p_change", "pan.mac", "pan.flip_probability", "pan.p_change_vertical",
     "scale.p_change", "scale.flip_probability", "embed@0.4.p_change", "embed@0.5.p_change",
-    "embed@0.7.p_change", "embed@0.5.accuracy", "consistency",
+    "embed@0.7.p_change", "embed@0.5.accuracy", "consistency", "compute.per_answer",
 )
 _TOP = ("schema_version", "model", "version", "model_sha256", "data", "seed", "config", "accuracy",
         "protocols", "summary", "summary_ci95", "chosen", "created")

@@ -32,6 +32,7 @@ class ScoreOptions:
     chunk_images: int = 4  # images whose views are batched together
     threads: int = 0       # ONNX Runtime intra-op threads (0: all cores)
     overlap: bool = True   # prepare the next batches in a thread while ORT runs
+    share: bool = True     # shared views, Renderer, specialised sessions (False: the unoptimised reference)
 
 
 def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -44,7 +45,42 @@ def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[s
                     dst["flips"] += value
                 else:
                     dst[key] = value
+    if plan.remedy_reducers:
+        rec["remedies"] = {name: values for reduce in plan.remedy_reducers for name, values in reduce(probs).items()}
     return rec
+
+
+def _evaluate_followups(classifier: Classifier, card: ModelCard, plans: Sequence[ImagePlan],
+                        probs: list[dict[Any, np.ndarray]], batch_size: int) -> tuple[int, float]:
+    """The second stage: views the plans ask for after seeing their first rows (ensemble copies of unsure
+    views), each key not yet evaluated once; rows are added to ``probs``. Returns (evaluations, seconds)."""
+    stage = []
+    for i, plan in enumerate(plans):
+        extra = ImagePlan()
+        for ask in plan.followups:
+            for key, spec in ask(probs[i]).items():
+                if key not in probs[i]:
+                    extra.views.setdefault(key, spec)
+        stage.append(extra)
+    evaluations, seconds = 0, 0.0
+    for entries, tensor in _batches(stage, card, batch_size):
+        seconds += _infer_into(classifier, entries, tensor, probs)
+        evaluations += len(entries)
+    return evaluations, seconds
+
+
+def _infer_into(classifier: Classifier, entries: list[tuple[int, Any]], tensor: np.ndarray,
+                probs: list[dict[Any, np.ndarray]]) -> float:
+    """Run one batch and store each entry's softmax row in ``probs[image][key]``; returns ORT seconds."""
+    t1 = time.perf_counter()
+    logits = classifier.logits(tensor)
+    seconds = time.perf_counter() - t1
+    p = softmax(logits.astype(np.float64))
+    for j, (i, key) in enumerate(entries):
+        while len(probs) <= i:
+            probs.append({})
+        probs[i][key] = p[j]
+    return seconds
 
 
 def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> Iterable[tuple[list[tuple[int, Any]], np.ndarray]]:
@@ -59,8 +95,7 @@ def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> It
             chunk = entries[start:start + batch_size]
             pixels = np.empty((len(chunk), res, res, 3), dtype=np.uint8)
             for j, (i, key) in enumerate(chunk):
-                spec = plans[i].views[key]
-                pixels[j] = render(spec.image, spec.box, res, card.interpolation, bg)
+                pixels[j] = plans[i].views[key].pixels(card.interpolation, bg)
             yield chunk, normalise(pixels, card)
 
 
@@ -93,7 +128,12 @@ def score_items(
     import queue
     import threading
 
-    classifier = Classifier(onnx_bytes, card, RuntimeOptions(provider="cpu", intra_op_threads=options.threads))
+    # sessions specialised per resolution (service.core.static_shape: the same logits); the reference path runs
+    # the stored graph as it is
+    sizes = (card.resolution,) + (config.resolutions(card) if "resolution" in config.protocols else ())
+    classifier = Classifier(onnx_bytes, card, RuntimeOptions(provider="cpu", intra_op_threads=options.threads,
+                                                             static_sizes=tuple(dict.fromkeys(sizes)) if options.share
+                                                             else ()))
     pre = Preprocessor(card, policy="object", resolution=max(config.resolutions(card) + (card.resolution,)))
     todo: queue.Queue[Any] = queue.Queue(maxsize=4)
     stop = threading.Event()
@@ -105,7 +145,7 @@ def score_items(
             for item in chunk:
                 img = pre.decode((Path(root) / item.path).read_bytes())
                 rng = np.random.default_rng([seed, item.index])
-                plans.append(plan_image(img, card, config, item.label, rng))
+                plans.append(plan_image(img, card, config, item.label, rng, share=options.share))
             for batch in _batches(plans, card, options.batch_size):
                 yield ("batch", batch)
             yield ("chunk", (chunk, plans))
@@ -138,17 +178,14 @@ def score_items(
                 break
             if kind == "batch":
                 entries, tensor = payload
-                t1 = time.perf_counter()
-                logits = classifier.logits(tensor)
-                infer += time.perf_counter() - t1
+                infer += _infer_into(classifier, entries, tensor, probs)
                 evaluations += len(entries)
-                p = softmax(logits.astype(np.float64))
-                for j, (i, key) in enumerate(entries):
-                    while len(probs) <= i:
-                        probs.append({})
-                    probs[i][key] = p[j]
             else:
                 chunk, plans = payload
+                while len(probs) < len(plans):
+                    probs.append({})
+                more, seconds = _evaluate_followups(classifier, card, plans, probs, options.batch_size)
+                evaluations, infer = evaluations + more, infer + seconds
                 for k, (item, plan) in enumerate(zip(chunk, plans)):
                     records.append(_record(item, plan, probs[k] if k < len(probs) else {}))
                 probs = []
@@ -202,6 +239,7 @@ def aggregate(records: Sequence[dict[str, Any]], card: ModelCard, config: Protoc
                 "p_change": _d(_est(records, policy, "pan.p_change", seed)),
                 "mac": _d(_est(records, policy, "pan.mac", seed)),
                 "flip_probability": _d(_est(records, policy, "pan.flip_probability", seed)),
+                "p_change_vertical": _d(_est(records, policy, "pan.p_change_vertical", seed)),
                 "translate_offsets": list(config.translate_offsets),
                 "translate_flip_curve": _curve(records, policy, "curve.translate"),
             }
@@ -365,8 +403,8 @@ def _summary_stats(result: dict[str, Any], chosen: dict[str, Any], card: ModelCa
         out["accuracy.top1"] = top1
         out["accuracy.top5"] = top5
     if "pan" in pr:
-        for k in ("p_change", "mac", "flip_probability"):
-            out[f"pan.{k}"] = pr["pan"][p][k]
+        for k in ("p_change", "mac", "flip_probability", "p_change_vertical"):
+            out[f"pan.{k}"] = pr["pan"][p].get(k)
     if "scale" in pr:
         for k in ("p_change", "flip_probability"):
             out[f"scale.{k}"] = pr["scale"][p][k]

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Estimate", "ratio_estimate", "BOOTSTRAP_SAMPLES"]
+__all__ = ["Estimate", "ratio_estimate", "paired_estimate", "BOOTSTRAP_SAMPLES"]
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -63,3 +63,42 @@ def ratio_estimate(
     ratios = s[idx].sum(axis=1) / c[idx].sum(axis=1)
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     return Estimate(value, (float(lo), float(hi)), int(round(c.sum())))
+
+
+def paired_estimate(
+    sums_a: Sequence[float], counts_a: Sequence[float], sums_b: Sequence[float], counts_b: Sequence[float], *,
+    seed: int, kind: str = "ratio", samples: int = BOOTSTRAP_SAMPLES,
+) -> Estimate | None:
+    """Rate a (``sum(sums_a) / sum(counts_a)``) against rate b on the *same* images: their ratio a / b or
+    difference a - b, with a percentile interval from resampling images once for both (a paired bootstrap).
+
+    Rows where either count is zero are dropped. Returns None when nothing was observed, or for a
+    ratio when rate b is zero (no flips to remove). ``n`` is the number of a's observations.
+    """
+    if kind not in ("ratio", "difference"):
+        raise ValueError(f"kind must be 'ratio' or 'difference', got {kind!r}")
+    arrays = [np.asarray(x, dtype=np.float64) for x in (sums_a, counts_a, sums_b, counts_b)]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(f"paired arrays must be 1-D of equal length, got {[a.shape for a in arrays]}")
+    keep = (arrays[1] > 0) & (arrays[3] > 0)
+    sa, ca, sb, cb = (a[keep] for a in arrays)
+    if len(ca) == 0:
+        return None
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        ra = sa[idx].sum(axis=-1) / ca[idx].sum(axis=-1)
+        rb = sb[idx].sum(axis=-1) / cb[idx].sum(axis=-1)
+        if kind == "difference":
+            return ra - rb
+        return np.divide(ra, rb, out=np.full_like(ra, np.nan), where=rb > 0)
+
+    value = float(stat(np.arange(len(ca))))
+    if not np.isfinite(value):
+        return None
+    n = int(round(ca.sum()))
+    if len(ca) == 1:
+        return Estimate(value, (value, value), n)
+    rng = np.random.default_rng(seed)
+    draws = stat(rng.integers(0, len(ca), size=(samples, len(ca))))
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return Estimate(value, (float(lo), float(hi)), n)

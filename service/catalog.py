@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from service.core.card import ModelCard
-from service.core.errors import BoundFileError, BoundFileMissing, ModelNotFound, SteadyError
+from service.core.ensemble import Ensemble
+from service.core.errors import BoundFileError, BoundFileMissing, InvalidInput, ModelNotFound, SteadyError
 from service.core.preprocess import Preprocessor
 from service.core.repository import ModelRepository, read_bound_json
 from service.core.runtime import Classifier, RuntimeOptions
@@ -55,6 +56,10 @@ class ServedVersion:
     def resolution(self) -> int:
         return self.pre.resolution
 
+    @property
+    def ensemble(self) -> Ensemble | None:
+        return self.pre.ensemble
+
     def describe(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -62,6 +67,7 @@ class ServedVersion:
             "sha256": self.sha256,
             "policy": self.policy,
             "resolution": self.resolution,
+            "ensemble": None if self.ensemble is None else self.ensemble.to_dict(),
             "num_classes": self.card.num_classes,
             "robustness": self.robustness,
             "chosen": self.chosen,
@@ -122,9 +128,14 @@ def load_version(repo: ModelRepository, model: str, version: int, stage: str, se
     classifier = Classifier(
         loaded.onnx_bytes, card,
         RuntimeOptions(provider=settings.provider, intra_op_threads=settings.ort_threads, inter_op_threads=1,
-                       allow_spinning=settings.ort_spinning),
+                       allow_spinning=settings.ort_spinning, static_sizes=(resolution,)),
     )
-    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels)
+    try:
+        ensemble = settings.ensemble_of(model, chosen)
+    except InvalidInput as exc:  # a malformed chosen.ensemble: serve the bare policy, like an unusable robustness.json
+        log.warning("ignoring the ensemble of %s/%s: %s", model, version, exc)
+        ensemble = None
+    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels, ensemble=ensemble)
     for size in settings.batch_sizes_to_warm:
         warm = np.zeros((size, 3, resolution, resolution), dtype=np.float32)
         logits = classifier.logits(warm)

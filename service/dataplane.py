@@ -4,7 +4,10 @@ Routes decode HTTP and call :class:`DataPlane`; the data plane validates, picks 
 version (production, a canary draw of the candidate, or the one asked for), runs the
 card's preprocessing in a thread pool and hands one image tensor at a time to an
 ``infer`` coroutine: in the service that is the deployment's ``@serve.batch`` method,
-in unit tests a direct ONNX Runtime call. Shadow scoring and live robustness checks run
+in unit tests a direct ONNX Runtime call. A version serving a shift ensemble
+(:mod:`service.core.ensemble`) answers the bare view first; only when its top-1 margin is under the
+ensemble's threshold are the extra copies rendered and sent through the same ``infer`` (the same
+batch queue), and the answer is their mean softmax, carried as ``log(p)`` where logits are expected. Shadow scoring and live robustness checks run
 as background tasks after the answer is ready, bounded by ``max_background``.
 
 Example:
@@ -27,7 +30,8 @@ import numpy as np
 from robustness.explain import OcclusionConfig, assemble, describe, occluded, overlay, png_bytes
 from service import v2
 from service.catalog import Catalog, CatalogLoader, ServedVersion
-from service.core.boxes import shift_box, zoom_box
+from service.core.boxes import Box, shift_box, zoom_box
+from service.core.ensemble import as_logits, margin
 from service.core.errors import ImageTooLarge, InvalidInput, Overloaded, VersionNotFound
 from service.core.preprocess import Prepared, to_original
 from service.core.repository import ModelRepository, parse_version, validate_name
@@ -43,6 +47,7 @@ InferFn = Callable[["ServedVersion", np.ndarray], Awaitable[np.ndarray]]
 """(served version, one (3, H, W) float32 tensor) -> (num_classes,) float32 logits."""
 
 MAX_V2_BATCH = 64
+ENSEMBLE_V2_IMAGES = 8  # decoded images one V2 request holds at once while its ensemble may need copies
 
 
 class DataPlane:
@@ -151,22 +156,55 @@ class DataPlane:
             raise InvalidInput(f"top_k must be an integer in [1, 1000], got {top_k!r}")
         served = self.route(model, version)
         prepared = await self._prepare(served, data)
-        logits = await self.infer(served, prepared.tensor)
+        logits, ensemble = await self._answer(served, prepared.image, prepared.box, prepared.tensor)
         preds = served.classifier.top_k(logits[None, :], top_k)[0]
         self._side_traffic(served, prepared, logits)
+        preprocess = {
+            "policy": served.policy,
+            "resolution": served.resolution,
+            "box": to_original(prepared.box, prepared.image).as_list(),
+        }
+        if ensemble is not None:
+            preprocess["ensemble"] = ensemble
         return served, {
             "model": served.model,
             "version": served.version,
             "stage": served.stage,
             "predictions": [p.to_dict() for p in preds],
-            "preprocess": {
-                "policy": served.policy,
-                "resolution": served.resolution,
-                "box": to_original(prepared.box, prepared.image).as_list(),
-            },
+            "preprocess": preprocess,
         }
 
+    async def _answer(self, served: ServedVersion, image: Any, box: Box, tensor: np.ndarray,
+                      count: bool = True) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """One answer of ``served`` for the view ``box`` of ``image`` (``tensor`` is that view):
+        (logits, or log of the ensemble's mean softmax; what the ensemble did, None without one).
+
+        ``count``: record the answer in the ensemble metrics (client answers, not side traffic).
+        """
+        ens = served.ensemble
+        if ens is None:
+            return await self.infer(served, tensor), None
+        bare = None
+        if ens.adaptive or ens.includes_bare:
+            logits = await self.infer(served, tensor)
+            bare = softmax(logits.astype(np.float64))
+        used = ens.used(bare) if bare is not None else True
+        info: dict[str, Any] = {"name": ens.name, "used": used, "copies": len(ens.offsets) if used else 1,
+                                "inferences": ens.cost(used),
+                                "margin": None if bare is None else round(float(margin(bare)), 6)}
+        if count:
+            self.metrics.ensemble(served.model, str(served.version), used, ens.cost(used) - 1)
+        if not used:
+            return logits, info
+        loop = asyncio.get_running_loop()
+        copies = await loop.run_in_executor(self.executor, served.pre.copies, image, box)
+        rows = await asyncio.gather(*(self.infer(served, t) for t in copies))
+        probs = ens.combine(bare, [softmax(r.astype(np.float64)) for r in rows])  # type: ignore[arg-type]
+        return as_logits(probs), info
+
     async def _prepare(self, served: ServedVersion, data: bytes) -> Prepared:
+        if len(data) <= self.settings.inline_decode_bytes:  # tiny work: a thread hop would cost more than it
+            return self._prepare_sync(served, data)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._prepare_sync, served, data)
 
@@ -208,11 +246,12 @@ class DataPlane:
         try:
             if (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
                     and candidate.card.mean == served.card.mean and candidate.card.std == served.card.std:
-                tensor = prepared.tensor
+                box, tensor = prepared.box, prepared.tensor
             else:
                 loop = asyncio.get_running_loop()
-                tensor = await loop.run_in_executor(self.executor, self._render, candidate, prepared.image, None)
-            cand_logits = await self.infer(candidate, tensor)
+                box = await loop.run_in_executor(self.executor, candidate.pre.box, prepared.image)
+                tensor = await loop.run_in_executor(self.executor, self._render, candidate, prepared.image, box)
+            cand_logits, _ = await self._answer(candidate, prepared.image, box, tensor, count=False)
             self.metrics.shadow(served.model, str(served.version), str(candidate.version),
                                 int(np.argmax(cand_logits)) == top1)
         except Exception:  # noqa: BLE001 - side traffic must never hurt the answer
@@ -228,7 +267,7 @@ class DataPlane:
         for transform, box in boxes.items():
             try:
                 tensor = await loop.run_in_executor(self.executor, self._render, served, prepared.image, box)
-                other = await self.infer(served, tensor)
+                other, _ = await self._answer(served, prepared.image, box, tensor, count=False)
                 self.metrics.live_check(served.model, str(served.version), transform, int(np.argmax(other)) != top1)
             except Exception:  # noqa: BLE001 - side traffic must never hurt the answer
                 log.exception("live robustness check failed for %s/%s", served.model, served.version)
@@ -260,17 +299,33 @@ class DataPlane:
                 raise InvalidInput("input 'image' has no elements")
             if len(tensor.elements) > MAX_V2_BATCH:
                 raise InvalidInput(f"input 'image' has {len(tensor.elements)} images; at most {MAX_V2_BATCH} per request")
-            # keep only each tensor: holding up to MAX_V2_BATCH decoded full-size images at once
-            # would let one small body of compressible JPEGs take gigabytes
-            rows = list(await asyncio.gather(*(self._tensor_of(served, e) for e in tensor.elements)))
-        else:
+            if served.ensemble is not None:  # copies need the decoded image: hold a few at a time
+                logits = np.stack(await self._answer_images(served, tensor.elements))
+            else:
+                # keep only each tensor: holding up to MAX_V2_BATCH decoded full-size images at once
+                # would let one small body of compressible JPEGs take gigabytes
+                rows = list(await asyncio.gather(*(self._tensor_of(served, e) for e in tensor.elements)))
+                logits = np.stack(await asyncio.gather(*(self.infer(served, r) for r in rows)))
+        else:  # preprocessed tensors: no image to move, so always the bare model
             rows = self._validate_fp32(served, tensor)
-        logits = np.stack(await asyncio.gather(*(self.infer(served, r) for r in rows)))
+            logits = np.stack(await asyncio.gather(*(self.infer(served, r) for r in rows)))
         outputs, binary = self._v2_outputs(served, logits, request)
         return served, outputs, binary
 
     async def _tensor_of(self, served: ServedVersion, data: bytes) -> np.ndarray:
         return (await self._prepare(served, data)).tensor
+
+    async def _answer_images(self, served: ServedVersion, elements: list[bytes]) -> list[np.ndarray]:
+        """Answers (logits or log mean softmax) of encoded images by a version serving an ensemble."""
+        held = asyncio.Semaphore(ENSEMBLE_V2_IMAGES)
+
+        async def one(data: bytes) -> np.ndarray:
+            async with held:
+                prepared = await self._prepare(served, data)
+                logits, _ = await self._answer(served, prepared.image, prepared.box, prepared.tensor)
+                return logits
+
+        return list(await asyncio.gather(*(one(e) for e in elements)))
 
     def _validate_fp32(self, served: ServedVersion, tensor: v2.InputTensor) -> list[np.ndarray]:
         if tensor.datatype != "FP32" or tensor.array is None:

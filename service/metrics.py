@@ -24,6 +24,8 @@ labels ``Component``, ``NodeAddress``, ``SessionName``, ``Version``, ``WorkerId`
     ray_steady_background_dropped_total{kind}                     shadow/live side tasks dropped (too many in flight)
     ray_steady_explain_requests_total{model,version,code}         ``:explain`` requests (not in steady_requests_total)
     ray_steady_explain_latency_seconds_bucket/_sum/_count{model,version}   whole explain request in the replica
+    ray_steady_ensemble_answers_total{model,version,used}        answers of versions serving a shift ensemble (used: true, false)
+    ray_steady_ensemble_extra_inferences_total{model,version}    ... inferences beyond one per answer they cost
     ray_steady_model_info{model,version,stage,policy,resolution,sha256}   1 while served, 0 after unloading
     ray_steady_robustness_<key>{model,version,policy}             one gauge per key of robustness.json ``summary``
     ray_steady_robustness_scored{model,version,policy}            1 when the served version has a bound robustness.json, else 0
@@ -32,6 +34,12 @@ A counter series appears with its first increment (Ray refuses ``inc(0)``): unti
 has flipped once, ``ray_steady_live_flips_total`` has no series for it, so dashboards and alerts
 should use ``(... or on() vector(0))`` or compare with ``ray_steady_live_checks_total``, which
 always exists once checks ran; the same holds for ``ray_steady_shadow_agreements_total``.
+
+Ensemble cost: the share of answers averaged over copies is
+``rate(ray_steady_ensemble_answers_total{used="true"}) / rate(ray_steady_ensemble_answers_total)``
+and the compute per answer ``1 + rate(..._extra_inferences_total) / rate(..._answers_total)`` (the number
+``steady score`` measured as ``compute.per_answer``). Client answers only (REST, V2 ``image``); live and
+shadow re-scores are side traffic and are not counted.
 
 Request labels: ``model`` is ``_unknown`` when the URL names a model that is not served (so
 client-chosen names cannot create series); ``version`` and ``stage`` are ``none`` when the
@@ -88,6 +96,10 @@ _COUNTERS = {
     "steady_shadow_agreements": ("Shadow scores whose top-1 agreed with production", ("model", "version", "candidate")),
     "steady_background_dropped": ("Side tasks (shadow, live) dropped because too many were in flight", ("kind",)),
     "steady_explain_requests": ("Explain requests answered, by final HTTP status code", ("model", "version", "code")),
+    "steady_ensemble_answers": ("Answers of versions serving a shift ensemble, by whether the copies were averaged",
+                                ("model", "version", "used")),
+    "steady_ensemble_extra_inferences": ("Inferences beyond one per answer spent on shift-ensemble copies",
+                                         ("model", "version")),
 }
 _HISTOGRAMS = {
     "steady_request_latency_seconds": ("Request latency inside the replica", ("model", "version", "stage"), LATENCY_BUCKETS),
@@ -215,6 +227,12 @@ class Metrics:
         tags = {"model": model, "version": version, "candidate": candidate}
         self._backend.inc("steady_shadow_checks", tags)
         self._backend.inc("steady_shadow_agreements", tags, 1.0 if agreed else 0.0)
+
+    def ensemble(self, model: str, version: str, used: bool, extra_inferences: int) -> None:
+        """One answer of a version serving a shift ensemble, and the inferences beyond one it cost."""
+        tags = {"model": model, "version": version}
+        self._backend.inc("steady_ensemble_answers", dict(tags, used="true" if used else "false"))
+        self._backend.inc("steady_ensemble_extra_inferences", tags, float(extra_inferences))
 
     def dropped(self, kind: str) -> None:
         self._backend.inc("steady_background_dropped", {"kind": kind})

@@ -44,6 +44,7 @@ __all__ = ["build_routes", "parse_multipart_image"]
 log = logging.getLogger(__name__)
 
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (slow or stalled uploads are cut off)
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
 
 
 def parse_multipart_image(content_type: str, body: bytes, field: str = "image") -> bytes:
@@ -68,7 +69,10 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
     async def read_body(request: Request) -> bytes:
         """The whole body, bounded in size (413) and in time (a stalled upload gets 400 after BODY_TIMEOUT_S)."""
         try:
-            return await asyncio.wait_for(_read_body(request), BODY_TIMEOUT_S)
+            if _timeout is None:  # Python 3.10
+                return await asyncio.wait_for(_read_body(request), BODY_TIMEOUT_S)
+            async with _timeout(BODY_TIMEOUT_S):  # a deadline on this task: no extra task per request
+                return await _read_body(request)
         except asyncio.TimeoutError as exc:
             raise InvalidInput(f"request body not received within {BODY_TIMEOUT_S:.0f} s") from exc
 

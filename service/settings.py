@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.core.ensemble import Ensemble
 from service.core.errors import InvalidInput
 
 __all__ = ["ServeSettings", "CANDIDATE_MODES", "PROXIES"]
@@ -54,6 +55,11 @@ class ServeSettings(BaseModel):
         ort_threads: ONNX Runtime intra-op threads per replica (0: all cores of the replica).
         ort_spinning: let idle ONNX Runtime threads busy-wait (lower latency, steals CPU from decoding).
         decode_threads: threads decoding/preprocessing images per replica.
+        inline_decode_bytes: bodies up to this size are decoded and preprocessed on the replica's event loop,
+            without a hop to a decode thread (tiny work; 0: always in a decode thread).
+        access_log: Ray Serve's access log line per request (its log file); off saves its formatting and
+            writing on the hot path (README.md, "Performance"); Steady's request metrics count every answer
+            either way.
         provider: ONNX Runtime provider ``auto``, ``cpu`` or ``cuda``.
         max_body_bytes: request bodies over this get 413.
         max_pixels: images over this pixel count get 413.
@@ -71,6 +77,10 @@ class ServeSettings(BaseModel):
         seed: seed of the traffic sampler (None: random).
         max_explain_inflight: per replica, ``:explain`` requests in flight (each costs ~170 inferences at
             224 px); over it an explain gets 503 + Retry-After while ``:classify`` keeps its own ``max_inflight``.
+        ensemble: the shift ensemble on top of each version's policy: ``chosen`` (what its bound
+            robustness.json chose, ``chosen.ensemble``; none without one), ``off``, or a setting
+            ``PRESET[@MARGIN]`` / ``x,y;x,y;...[@MARGIN]`` (:mod:`service.core.ensemble`) for every version.
+        model_ensemble: per-model override of ``ensemble`` ({model: setting}).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -111,6 +121,22 @@ class ServeSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
     max_explain_inflight: int = Field(2, ge=1)
+    ensemble: str = "chosen"
+    model_ensemble: dict[str, str] | None = None
+    inline_decode_bytes: int = Field(0, ge=0)
+    access_log: bool = True
+
+    @field_validator("ensemble", mode="before")
+    @classmethod
+    def _ensemble_setting(cls, value: Any) -> Any:
+        return _ensemble_spec(value)
+
+    @field_validator("model_ensemble", mode="before")
+    @classmethod
+    def _model_ensemble_settings(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {model: _ensemble_spec(spec) for model, spec in value.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
@@ -164,6 +190,16 @@ class ServeSettings(BaseModel):
     def candidate_mode_of(self, model: str) -> str:
         return (self.model_candidate_mode or {}).get(model, self.candidate_mode)
 
+    def ensemble_of(self, model: str, chosen: Mapping[str, Any] | None) -> Ensemble | None:
+        """The ensemble a version of ``model`` serves: the setting, or its robustness.json choice (``chosen``)."""
+        spec = (self.model_ensemble or {}).get(model, self.ensemble)
+        if spec == "off":
+            return None
+        if spec != "chosen":
+            return Ensemble.parse(spec)
+        picked = (chosen or {}).get("ensemble")
+        return None if not picked else Ensemble.parse(picked)
+
     @property
     def batch_sizes_to_warm(self) -> tuple[int, ...]:
         sizes = self.warmup_batch_sizes or (1, self.max_batch_size)
@@ -178,11 +214,28 @@ class ServeSettings(BaseModel):
             "health_check_period_s": 5,
             "graceful_shutdown_timeout_s": 10,
         }
+        if not self.access_log:
+            options["logging_config"] = {"enable_access_log": False}
         if self.autoscaling:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:
             options["num_replicas"] = self.num_replicas
         return options
+
+
+def _ensemble_spec(value: Any) -> Any:
+    """``chosen``, ``off`` or a valid ensemble setting (ValueError naming the problem otherwise).
+
+    YAML reads a bare ``off`` as false: that is ``off`` too.
+    """
+    if value is False:
+        return "off"
+    if not isinstance(value, str):
+        return value  # pydantic's own type error names it
+    value = value.strip()
+    if value not in ("chosen", "off"):
+        Ensemble.parse(value)
+    return value
 
 
 def _one_line(exc: ValidationError, data: Mapping[str, Any], environment: Mapping[str, str]) -> str:

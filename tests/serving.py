@@ -5,6 +5,7 @@ Repository served by the session:
   canary    v1 production, v2 candidate (different weights) -- canary mode, fraction 0.3
   shadowed  v1 production, v2 candidate (same weights)      -- shadow mode, fraction 1.0
   rolling   v1 production (the reload test promotes v2 while traffic runs)
+  ensembled v1 production, served with the knight5 shift ensemble on every answer (setting model_ensemble)
   efficientnet-lite0 v1 production, when the ``lite0_repo`` fixture can export it (torch present)
 
 Two replicas of one CPU each: the admin reload reaches one, the other follows.
@@ -63,6 +64,7 @@ def _build_repo(root: Path, tiny_onnx: bytes) -> ModelRepository:
     repo.set_stage("shadowed", "candidate", 2)
     repo.add("rolling", tiny_onnx, tiny_card())
     repo.set_stage("rolling", "production", 1)
+    repo.add("ensembled", tiny_onnx, tiny_card("ensembled"))
     return repo
 
 
@@ -81,6 +83,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
         "port": free_port(), "metrics_port": free_port(), "object_store_mb": 128,
         "max_body_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_inflight": 16,
         "candidate_mode": "canary", "canary_fraction": 0.3, "model_candidate_mode": {"shadowed": "shadow"},
+        "model_ensemble": {"ensembled": "knight5"},
         "shadow_fraction": 1.0, "live_fraction": 0.5, "max_background": 64,
         "admin_token": ADMIN_TOKEN, "seed": 0, "decode_threads": 2,
         # two replicas, so reload propagation and metric aggregation are exercised

@@ -69,6 +69,13 @@ def _add_serve(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--large-images", type=int, default=8, help="how many 12 MP JPEGs (default 8)")
     p.add_argument("--ceiling-seconds", type=float, default=4.0, help="seconds per ceiling measurement (default 4)")
     p.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto", help="load generator")
+    p.add_argument("--plain", action="store_true",
+                   help="also start benchmarks/plain_server.py (FastAPI + ONNX Runtime + Pillow, no batching) on the "
+                        "same version and drive it right after each served run")
+    p.add_argument("--compare-url", help="base URL of an already running plain server to drive the same way")
+    p.add_argument("--compare-version", type=int, metavar="V",
+                   help="another version the service serves (production or candidate, e.g. an int8 one), driven "
+                        "with ?version=V right after each served run")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--out", help="also write the JSON to this file")
     p.set_defaults(func=_cmd_bench_serve)
@@ -84,7 +91,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     opts = BenchOptions(repo=args.repo, model=args.model, version=args.version, data=args.data,
                         concurrency=concurrency, duration_s=args.duration, url=args.url, config=args.config,
                         max_images=args.max_images, large=args.large, large_images=args.large_images,
-                        ceiling_s=args.ceiling_seconds, client=args.client)
+                        ceiling_s=args.ceiling_seconds, client=args.client, plain=args.plain,
+                        compare_url=args.compare_url, compare_version=args.compare_version)
     doc = bench_serve(opts)
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

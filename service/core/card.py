@@ -35,6 +35,7 @@ __all__ = [
     "PRECISIONS",
     "Source",
     "Parity",
+    "Quantization",
     "ModelCard",
     "steady_version",
 ]
@@ -43,7 +44,7 @@ CARD_SCHEMA_VERSION = 1
 METADATA_KEY = "steady.card"
 POLICIES = ("center", "object")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def steady_version() -> str:
@@ -71,13 +72,42 @@ class Source:
 
 @dataclass(frozen=True)
 class Parity:
-    """ONNX Runtime vs PyTorch on fixed inputs, recorded at export."""
+    """ONNX Runtime vs the reference on fixed inputs, recorded at export.
+
+    ``reference`` is what the graph was compared with: the PyTorch module (``pytorch``), or for an
+    int8 version the float ONNX model it was quantized from (``fp32-onnx``), where the logits cannot
+    match to 1e-3 and what must hold is the answer: top-1 agreement >= ``min_agreement``.
+    """
 
     max_abs_diff: float
     top1_agreement: float
     images: tuple[str, ...] = ()
     resolutions: tuple[int, ...] = ()
-    tolerance: float = 1e-3
+    tolerance: float | None = 1e-3  # None: no logit tolerance (int8: the agreement decides)
+    min_agreement: float = 1.0
+    reference: str = "pytorch"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an int8 version was made from its float source (:mod:`exporters.quantize`).
+
+    Calibration photos are a seeded subset of the calibration half of a folder (the split and the
+    subset are functions of the file's relative path and ``seed``); their content digests are kept
+    so that no Steady measurement ever scores the version on a photo it was calibrated on.
+    """
+
+    method: str                          # minmax | entropy | percentile (onnxruntime.quantization)
+    calibration_count: int
+    calibration_fingerprint: str         # sha256 over the calibration photos' paths and bytes
+    calibration_sha256: tuple[str, ...]  # sha256 of each calibration photo's bytes
+    seed: int
+    source_sha256: str                   # the float ONNX model that was quantized
+    activations: str = "uint8"           # uint8 (asymmetric) | int8 (symmetric)
+    weights: str = "int8 per-channel"
+    float_nodes: tuple[str, ...] = ()    # nodes kept in float
+    options: tuple[tuple[str, str], ...] = ()  # further calibrator / quantizer options, as text
+    tool: str = ""                       # onnxruntime version and entry point
 
 
 @dataclass(frozen=True)
@@ -104,6 +134,7 @@ class ModelCard:
     opset: int | None = None
     source: Source = field(default_factory=Source)
     parity: Parity | None = None
+    quantization: Quantization | None = None
     created: str = field(default_factory=_now)
     steady_version: str = field(default_factory=steady_version)
     schema_version: int = CARD_SCHEMA_VERSION
@@ -134,6 +165,8 @@ class ModelCard:
             raise CardError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.precision not in PRECISIONS:
             raise CardError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if (self.precision == "int8") != (self.quantization is not None):
+            raise CardError("an int8 card needs its quantization record, and only an int8 card has one")
         if self.value_scale != "0..255":
             raise CardError(f"value_scale must be '0..255' (state mean/std on 0..255), got {self.value_scale!r}")
         if self.layout != "NCHW" or self.channel_order not in ("RGB", "BGR"):
@@ -184,6 +217,12 @@ class ModelCard:
                 parity["images"] = tuple(parity.get("images", ()))
                 parity["resolutions"] = tuple(parity.get("resolutions", ()))
                 kwargs["parity"] = Parity(**parity)
+            if kwargs.get("quantization") is not None:
+                q = dict(kwargs["quantization"])
+                for key in ("calibration_sha256", "float_nodes"):
+                    q[key] = tuple(q.get(key, ()))
+                q["options"] = tuple(tuple(pair) for pair in q.get("options", ()))
+                kwargs["quantization"] = Quantization(**q)
             return cls(**kwargs)
         except TypeError as exc:
             raise CardError(f"invalid card: {exc}") from exc

@@ -1,4 +1,6 @@
-"""Finding image files: the one list of suffixes Steady reads and the one folder walk.
+"""Finding image files: the one list of suffixes Steady reads, the one folder walk, and the one seeded
+split of a folder into a calibration half and a held-out half (int8 calibration never sees the photos
+its version is measured on).
 
 Example:
     >>> IMAGE_SUFFIXES
@@ -7,12 +9,13 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
 from service.core.errors import SteadyError
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_file", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "HALVES", "is_image_file", "list_images", "half_of", "calibration_order"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # the formats service.core.preprocess decodes
 
@@ -37,3 +40,24 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
         else:
             raise SteadyError(f"no such file or directory: {path}")
     return found
+
+
+HALVES = ("calibration", "holdout")
+
+
+def half_of(name: str, seed: int) -> str:
+    """``calibration`` or ``holdout``: the half of a folder a photo belongs to, from its relative path.
+
+    sha256(f"{seed}:{name}") even -> calibration. A function of the name alone, so the split is the
+    same for every command and every machine, and about half of any folder lands on each side.
+
+    Example:
+        >>> half_of("n01440764_tench.JPEG", 0) in HALVES
+        True
+    """
+    return HALVES[int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest(), 16) % 2]
+
+
+def calibration_order(names: Sequence[str], seed: int) -> list[str]:
+    """``names`` in the seeded order calibration subsets are taken from (the first N are the subset)."""
+    return sorted(names, key=lambda n: hashlib.sha256(f"calib:{seed}:{n}".encode()).hexdigest())

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from service.core.boxes import Box, center_box, render
+from service.core.boxes import Box, Renderer, center_box, render
 
 __all__ = ["LocalizerConfig", "object_box", "locate"]
 
@@ -60,7 +60,8 @@ class LocalizerConfig:
 _DEFAULT = LocalizerConfig()
 
 
-def _analysis(img: Image.Image, frame: Box, cfg: LocalizerConfig, background: Sequence[float]) -> tuple[np.ndarray, float, float]:
+def _analysis(img: Image.Image, frame: Box, cfg: LocalizerConfig, background: Sequence[float],
+              renderer: Renderer | None = None) -> tuple[np.ndarray, float, float]:
     """The frame's pixels (H, W, 3) uint8 and the analysis-pixel size in image pixels (x, y)."""
     w, h = img.size
     ints = all(float(v).is_integer() for v in (frame.x0, frame.y0, frame.x1, frame.y1))
@@ -69,7 +70,10 @@ def _analysis(img: Image.Image, frame: Box, cfg: LocalizerConfig, background: Se
         arr = np.asarray(img)[int(frame.y0):int(frame.y1), int(frame.x0):int(frame.x1)]
         return arr, 1.0, 1.0
     side = cfg.analysis_side
-    arr = render(img, frame, side, "bilinear", background)
+    if renderer is not None and renderer.img is img and renderer.background == tuple(background):
+        arr = renderer.render(frame, side, "bilinear")  # the same pixels, sharing work between frames
+    else:
+        arr = render(img, frame, side, "bilinear", background)
     return arr, frame.width / side, frame.height / side
 
 
@@ -158,6 +162,8 @@ def object_box(
     frame: Box | None = None,
     resolution: int | None = None,
     config: LocalizerConfig = _DEFAULT,
+    fallback: Box | None = None,
+    renderer: Renderer | None = None,
 ) -> Box:
     """A square box around the main object, which fills ``crop_pct`` of its side.
 
@@ -168,6 +174,11 @@ def object_box(
         frame: the part of the image the camera sees (default: all of it).
         resolution: the model input side, for the exact centre-box fallback.
         config: tuning.
+        fallback: the box returned when nothing is re-framed (default: the centre box of the frame). The
+            scorer passes the ``center`` policy's own box of a moved or zoomed frame, so that where the
+            policies agree their views are the same box and are evaluated once.
+        renderer: a :class:`~service.core.boxes.Renderer` of ``img`` (the scorer analyses many moved
+            frames of one photo; the renderer shares their resampling work, same pixels).
 
     Example:
         >>> box = object_box(img, crop_pct=0.875, background=card.mean)   # doctest: +SKIP
@@ -176,9 +187,10 @@ def object_box(
     frame = frame or Box(0.0, 0.0, float(w), float(h))
     fw, fh = frame.width, frame.height
     res = resolution or max(8, int(round(min(fw, fh) * crop_pct)))
-    c = center_box(int(round(fw)), int(round(fh)), res, crop_pct)
-    fallback = Box(c.x0 + frame.x0, c.y0 + frame.y0, c.x1 + frame.x0, c.y1 + frame.y0)
-    arr, px, py = _analysis(img, frame, config, background)
+    if fallback is None:
+        c = center_box(int(round(fw)), int(round(fh)), res, crop_pct)
+        fallback = Box(c.x0 + frame.x0, c.y0 + frame.y0, c.x1 + frame.x0, c.y1 + frame.y0)
+    arr, px, py = _analysis(img, frame, config, background, renderer)
     found = locate(arr, config)
     if found is None:
         return fallback

@@ -29,9 +29,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.core.boxes import Box, center_box, render
+from service.core.boxes import Box, center_box, render, shift_box
 from service.core.localize import object_box
 from service.core.card import ModelCard
+from service.core.ensemble import Ensemble
 from service.core.errors import ImageTooLarge, InvalidInput, UnsupportedImage
 
 __all__ = [
@@ -192,6 +193,8 @@ class Preprocessor:
         resolution: the square input side (default: the card's test_resolution).
         max_pixels: refuse images with more pixels than this.
         reduced_decode: decode large JPEGs at a reduced DCT scale.
+        ensemble: a shift ensemble on top of the policy (:mod:`service.core.ensemble`); its copies are
+            the policy's box moved by whole output pixels (:meth:`copies`).
     """
 
     def __init__(
@@ -202,8 +205,10 @@ class Preprocessor:
         resolution: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         reduced_decode: bool = True,
+        ensemble: Ensemble | None = None,
     ) -> None:
         self.card = card
+        self.ensemble = ensemble
         self.policy = policy or card.policy
         if self.policy not in ("center", "object"):
             raise ValueError(f"policy must be 'center' or 'object', got {self.policy!r}")
@@ -254,6 +259,18 @@ class Preprocessor:
         img = self.decode(data)
         view = self.view(img)
         return Prepared(img, view.box, self.to_tensor(view.pixels[None])[0])
+
+    def copy_boxes(self, box: Box, offsets: Sequence[tuple[int, int]] | None = None) -> list[Box]:
+        """``box`` moved by each offset in whole output pixels (default: the ensemble's extra copies)."""
+        if offsets is None:
+            if self.ensemble is None:
+                raise ValueError("this preprocessor has no ensemble")
+            offsets = self.ensemble.extra_offsets
+        return [shift_box(box, dx, dy, self.resolution) for dx, dy in offsets]
+
+    def copies(self, img: Image.Image, box: Box) -> np.ndarray:
+        """The (extra, 3, R, R) tensors of the ensemble's extra copies of ``box`` (the bare view is ``box``)."""
+        return self.to_tensor([self.view(img, b).pixels for b in self.copy_boxes(box)])
 
     def batch(self, images: Sequence[bytes]) -> np.ndarray:
         """Encoded images -> one (N, 3, R, R) float32 batch of the policy's views."""

@@ -10,14 +10,18 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from service.core.card import ModelCard
 from service.core.errors import InvalidInput
+from service.core.static_shape import specialise
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Prediction", "RuntimeOptions", "Classifier", "softmax", "available_providers"]
 
@@ -39,18 +43,24 @@ class RuntimeOptions:
     ``provider`` is ``auto`` (CUDA when onnxruntime-gpu sees a GPU, else CPU), ``cpu`` or ``cuda``.
     ``intra_op_threads`` 0 means "all cores of this process". ``allow_spinning`` False stops
     idle intra-op threads from busy-waiting (they would steal CPU from decoding on small machines).
+    ``static_sizes``: square input sides that get a session of their own, specialised for that size
+    (:mod:`service.core.static_shape`: the same logits, 1.5-2x faster on EfficientNet-Lite); any other
+    size runs on the general session.
     """
 
     provider: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     allow_spinning: bool = True
+    static_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", "cpu", "cuda"):
             raise ValueError(f"provider must be auto, cpu or cuda, got {self.provider!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("thread counts must be >= 0")
+        if any(not isinstance(s, int) or s < 8 for s in self.static_sizes):
+            raise ValueError(f"static sizes must be integers >= 8, got {self.static_sizes}")
 
 
 def available_providers() -> list[str]:
@@ -81,10 +91,27 @@ class Classifier:
     """An ONNX Runtime session plus the card that says how to feed and read it."""
 
     def __init__(self, onnx_bytes: bytes, card: ModelCard, options: RuntimeOptions | None = None) -> None:
-        import onnxruntime as ort
-
         self.card = card
         self.options = options or RuntimeOptions()
+        self._bytes = onnx_bytes
+        self._session: Any = None
+        self._static: dict[int, Any] = {}
+        for size in dict.fromkeys(self.options.static_sizes):
+            try:
+                self._static[size] = self._new_session(specialise(onnx_bytes, size, size))
+            except Exception as exc:  # noqa: BLE001 - a graph it cannot specialise runs as it is
+                _log.warning("no %dpx session of its own for %s (%s): the general session serves that size",
+                             size, card.name, exc)
+        first = next(iter(self._static.values()), None) or self.session
+        self.providers = first.get_providers()
+        inputs = first.get_inputs()
+        outputs = first.get_outputs()
+        self.input_name = card.input_name if card.input_name in {i.name for i in inputs} else inputs[0].name
+        self.output_name = card.output_name if card.output_name in {o.name for o in outputs} else outputs[0].name
+
+    def _new_session(self, onnx_bytes: bytes) -> Any:
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         threads = self.options.intra_op_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
         so.intra_op_num_threads = threads
@@ -93,12 +120,19 @@ class Classifier:
         so.log_severity_level = 3
         if not self.options.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(onnx_bytes, sess_options=so, providers=_providers(self.options.provider))
-        self.providers = self.session.get_providers()
-        inputs = self.session.get_inputs()
-        outputs = self.session.get_outputs()
-        self.input_name = card.input_name if card.input_name in {i.name for i in inputs} else inputs[0].name
-        self.output_name = card.output_name if card.output_name in {o.name for o in outputs} else outputs[0].name
+        return ort.InferenceSession(onnx_bytes, sess_options=so, providers=_providers(self.options.provider))
+
+    @property
+    def session(self) -> Any:
+        """The general session (any input size), created on first use."""
+        if self._session is None:
+            self._session = self._new_session(self._bytes)
+        return self._session
+
+    @property
+    def static_sizes(self) -> tuple[int, ...]:
+        """The sizes that run on a session of their own."""
+        return tuple(self._static)
 
     @classmethod
     def from_repository(cls, repo: object, name: str, version: int, options: RuntimeOptions | None = None) -> "Classifier":
@@ -114,7 +148,9 @@ class Classifier:
             raise InvalidInput(f"input must have shape (N, 3, H, W), got {list(batch.shape)}")
         if batch.shape[0] == 0:
             return np.zeros((0, self.card.num_classes), dtype=np.float32)
-        (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        h, w = batch.shape[2], batch.shape[3]
+        session = self._static.get(h, self.session) if h == w else self.session
+        (out,) = session.run([self.output_name], {self.input_name: batch})
         return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
 
     def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[Prediction]]:

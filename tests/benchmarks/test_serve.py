@@ -61,6 +61,29 @@ def test_large_photos_are_12mp_jpegs(tmp_path: Path) -> None:
         assert (img.format, img.size) == ("JPEG", (400, 300))
 
 
+def test_plain_server_answers_like_a_user_script(tiny_repo, coffee: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """The comparison script serves the version's model with the card's resize, crop and mean/std."""
+    from fastapi.testclient import TestClient
+
+    from benchmarks.plain_server import build_app
+    from service.core.preprocess import Preprocessor
+    from service.core.runtime import Classifier
+
+    card = tiny_repo.card("tiny", 1)
+    client = TestClient(build_app(tiny_repo.version_dir("tiny", 1), threads=1))
+    body = encode(coffee, "JPEG", quality=92)
+    r = client.post("/v1/models/tiny:classify?top_k=3", content=body, headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert len(preds) == 3 and preds[0]["score"] >= preds[1]["score"] >= preds[2]["score"]
+    assert preds[0]["label"] == card.labels[preds[0]["index"]]
+    # the same model through Steady's preprocessing (one resample of the box): the same top-1 on this photo
+    loaded = tiny_repo.load("tiny", 1)
+    logits = Classifier(loaded.onnx_bytes, card).logits(Preprocessor(card, policy="center")(body))
+    assert preds[0]["index"] == int(np.argmax(logits[0]))
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         BenchOptions(repo="r", model="m", data="d", concurrency=(0,))
@@ -72,6 +95,7 @@ def test_options_are_validated() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["aiohttp", "wrk"])
 def test_bench_serve_json_shape(service, tmp_path: Path, client: str) -> None:  # type: ignore[no-untyped-def]
+    """Both clients; with aiohttp the plain comparison server runs too, on the same version."""
     if client == "wrk" and shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
     data = tmp_path / "photos"
@@ -80,10 +104,22 @@ def test_bench_serve_json_shape(service, tmp_path: Path, client: str) -> None:  
     for i in range(6):
         (data / f"p{i}.jpg").write_bytes(encode(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)))
     opts = BenchOptions(repo=str(service.repo.root), model="tiny", data=str(data), concurrency=(1, 2),
-                        duration_s=1.0, url=service.base, ceiling_s=0.2, warmup_s=0.5, client=client)
+                        duration_s=1.0, url=service.base, ceiling_s=0.2, warmup_s=0.5, client=client,
+                        plain=client == "aiohttp", compare_version=1 if client == "aiohttp" else None)
     doc = bench_serve(opts, log=lambda msg: None)
 
     assert doc["ready_s"] is None and doc["memory"] is None  # --url: the benchmark did not start it
+    assert doc["precision"] == "fp32"
+    if client == "aiohttp":
+        assert set(doc["vs_plain"]) == {"1", "2"}
+        for run in doc["runs"]:
+            assert run["plain"]["requests"] > 0 and run["plain"]["non_2xx"] == 0
+            assert run["plain"]["cpu_ms_per_image"] > 0
+            assert run["vs_plain"] == pytest.approx(run["images_per_s"] / run["plain"]["images_per_s"], rel=0.01)
+            assert run["compare_version"]["version"] == 1 and run["compare_version"]["requests"] > 0
+        assert doc["compare_version"]["precision"] == "fp32" and set(doc["compare_version"]["vs_main"]) == {"1", "2"}
+    else:
+        assert doc["vs_plain"] is None and doc["compare_version"] is None
     assert set(doc["ratio"]) == {"1", "2"}
     (photos,) = doc["image_sets"]
     assert photos["top1_agreement"] >= 0.8  # served and in-process answers are the same model's

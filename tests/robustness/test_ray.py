@@ -1,4 +1,4 @@
-"""Sharding images over Ray tasks gives exactly the single-process records.
+"""Sharding images over Ray tasks gives exactly the single-process records (ensemble variants included).
 
 Runs in a fresh interpreter: it starts a Ray of its own (2 workers), which must not be the test
 session's shared Ray Serve instance (whose replicas hold its CPUs).
@@ -27,12 +27,14 @@ SCRIPT = textwrap.dedent(
     repo, data, labels = sys.argv[1:4]
     loaded = ModelRepository(repo).load("tiny", 1)
     ds = load_dataset(data, labels)
-    cfg = ProtocolConfig(translate_frames=3, zoom_start=0.9, zoom_stop=1.1)
+    cfg = ProtocolConfig(translate_frames=3, zoom_start=0.9, zoom_stop=1.1, ensembles=("knight5@0.3", "knight5"))
     local, _ = run_local(loaded.onnx_bytes, loaded.card, ds, cfg, 5, ScoreOptions(chunk_images=2))
     sharded, _ = run_ray(loaded.onnx_bytes, loaded.card, ds, cfg, 5, ScoreOptions(chunk_images=2), 2, None)
     assert not ray.is_initialized(), "run_ray left the Ray it started running"
     assert len(sharded) == len(local) == 6
     assert sharded == local, "sharded records differ from the single-process ones"
+    assert all(r["remedies"]["center+knight5"]["compute"] == [5.0 * n, n] for r in local
+               for n in [r["remedies"]["center+knight5"]["compute"][1]]), "the always-mode ensemble ran every copy"
     assert aggregate(sharded, loaded.card, cfg, 5, True) == aggregate(local, loaded.card, cfg, 5, True)
     print("identical", len(local))
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from robustness.data import load_dataset
@@ -63,8 +64,9 @@ def test_unlabelled_summary_has_no_accuracy_and_a_subset_of_protocols(
         tiny_repo: ModelRepository, image_folder: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     data, _ = image_folder
     doc = _score(capsys, tiny_repo, data, "--protocols", "pan,embed", "--policies", "center")
-    assert set(doc["summary"]) == {"pan.p_change", "pan.mac", "pan.flip_probability", "embed@0.4.p_change",
-                                   "embed@0.5.p_change", "embed@0.7.p_change"}
+    assert set(doc["summary"]) == {"pan.p_change", "pan.mac", "pan.flip_probability", "pan.p_change_vertical",
+                                   "embed@0.4.p_change", "embed@0.5.p_change", "embed@0.7.p_change",
+                                   "compute.per_answer"}
     assert set(doc["protocols"]) == {"pan", "embed"}
     assert doc["chosen"]["policy"] == "center" and doc["chosen"]["labelled"] is False
 
@@ -126,3 +128,38 @@ def test_a_decode_error_in_the_producer_surfaces(tiny_repo: ModelRepository, ima
     (data / "broken.png").write_bytes(b"not an image")
     assert main(["score", "--repo", str(tiny_repo.root), "tiny", "--data", str(data), "--no-progress"]) == 2
     assert "decode" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("net", ["tiny", "same-padding"])
+def test_shared_views_and_renderer_give_the_unoptimised_records(tiny_repo: ModelRepository,
+                                                               image_folder: tuple[Path, Path],
+                                                               coffee: np.ndarray, chelsea: np.ndarray,
+                                                               net: str) -> None:
+    """Every optimisation of the scorer (a view asked for twice is evaluated once, embed canvases drawn
+    twice are one, the Renderer shares resampling passes, the localiser analyses frames through it) keeps
+    every record identical to the unoptimised path, which evaluates every request on its own with
+    plain ``render`` calls on the stored graph; and it really evaluates fewer views. ``same-padding``: a
+    graph with TF-"SAME" pad arithmetic, which the scorer runs specialised per resolution."""
+    from PIL import Image
+
+    from robustness.scorer import ScoreOptions, score_items
+
+    data, labels = image_folder
+    Image.fromarray(coffee).save(data / "coffee.jpg", quality=90)
+    Image.fromarray(chelsea).save(data / "chelsea.jpg", quality=90)
+    with labels.open("a") as f:
+        f.write("coffee.jpg,7,espresso\nchelsea.jpg,3,cat\n")
+    if net == "same-padding":
+        from tests.conftest import make_same_padding_onnx, tiny_card
+
+        tiny_repo.add("tiny", make_same_padding_onnx(), tiny_card(labels=tuple("abcd")))
+    loaded = tiny_repo.load("tiny", 1 if net == "tiny" else 2)
+    ds = load_dataset(data, labels)
+    cfg = ProtocolConfig(translate_frames=5, zoom_start=0.4, zoom_stop=1.1, zoom_step=0.05,
+                         ensembles=("knight5@0.5", "knight5@0.9"))
+    fast, t_fast = score_items(loaded.onnx_bytes, loaded.card, ds.root, ds.items, cfg, 2, ScoreOptions(overlap=False))
+    plain, t_plain = score_items(loaded.onnx_bytes, loaded.card, ds.root, ds.items, cfg, 2,
+                                 ScoreOptions(overlap=False, share=False))
+    assert len(fast) == 8 and fast == plain
+    assert any(r["remedies"]["center+knight5@0.5"]["used"][0] > 0 for r in fast)  # the second stage ran
+    assert t_fast["evaluations"] < 0.75 * t_plain["evaluations"]

@@ -51,6 +51,29 @@ def test_classify_matches_direct_preprocessing(tiny_repo: ModelRepository, photo
     assert plane.metrics.observations("steady_preprocess_seconds", model="tiny")
 
 
+@pytest.mark.parametrize("inline", [0, 1 << 20])
+def test_tiny_work_is_decoded_without_a_thread_hop(tiny_repo: ModelRepository, photo: bytes, inline: int) -> None:
+    """Bodies up to ``inline_decode_bytes`` are decoded on the event loop; larger ones in the decode threads.
+    Both give the same answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    settings = ServeSettings.build(tiny_repo.root, environ={},
+                                   overrides={"seed": 0, "live_fraction": 0.0, "inline_decode_bytes": inline})
+    plane = DataPlane(settings, tiny_repo, Metrics("memory"), executor=Counting(1), rng=random.Random(0))
+    plane.load_all()
+    _, doc = asyncio.run(plane.classify("tiny", photo, top_k=3))
+    assert Counting.submitted == (0 if inline else 1)
+    _, reference = asyncio.run(_plane(tiny_repo).classify("tiny", photo, top_k=3))
+    assert doc["predictions"] == reference["predictions"]
+
+
 def test_lookup_errors(tiny_repo: ModelRepository) -> None:
     plane = _plane(tiny_repo)
     with pytest.raises(ModelNotFound):

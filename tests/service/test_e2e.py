@@ -296,3 +296,26 @@ def test_metrics_scraped(service: Service, photo: bytes) -> None:
     assert _value(text, "ray_steady_live_checks_total", model="tiny", transform="shift") > 0
     # one series per replica (WorkerId label): 1 each
     assert _value(text, "ray_steady_model_info", model="canary", version="2", stage="candidate") >= 1
+
+
+def test_the_response_says_when_the_ensemble_answered(service: Service, photo: bytes) -> None:
+    r = classify(service, "ensembled", photo, top_k=3)
+    assert r.status_code == 200, r.text
+    pre = r.json()["preprocess"]
+    assert pre["policy"] == "center"
+    assert pre["ensemble"] == {"name": "knight5", "used": True, "copies": 5, "inferences": 5,
+                               "margin": pytest.approx(pre["ensemble"]["margin"])}
+    # the same weights without the ensemble answer a different mean: the copies went through the batch queue
+    bare = classify(service, "tiny", photo, top_k=3).json()
+    assert "ensemble" not in bare["preprocess"] and bare["predictions"] != r.json()["predictions"]
+    listing = {m["name"]: m for m in httpx.get(f"{service.base}/v1/models").json()["models"]}
+    assert listing["ensembled"]["versions"][0]["ensemble"]["name"] == "knight5"
+    deadline = time.monotonic() + 40
+    while True:
+        text = _scrape(service)
+        used = _value(text, "ray_steady_ensemble_answers_total", model="ensembled", used="true")
+        extra = _value(text, "ray_steady_ensemble_extra_inferences_total", model="ensembled")
+        if used >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert used >= 1 and extra == 4 * used

@@ -73,3 +73,14 @@ def test_shipped_configs_parse() -> None:
     assert app["import_path"] == "service.app:build_app"
     args = dict(app["args"])
     ServeSettings.build(args.pop("repo"), overrides=args, environ={})
+
+
+def test_hot_path_knobs() -> None:
+    base = ServeSettings.build("/m", environ={})
+    assert base.inline_decode_bytes == 0 and base.access_log
+    assert "logging_config" not in base.deployment_options()
+    quiet = ServeSettings.build("/m", environ={"STEADY_ACCESS_LOG": "false", "STEADY_INLINE_DECODE_BYTES": "4096"})
+    assert quiet.deployment_options()["logging_config"] == {"enable_access_log": False}
+    assert quiet.inline_decode_bytes == 4096
+    with pytest.raises(InvalidInput, match="inline_decode_bytes"):
+        ServeSettings.build("/m", environ={}, overrides={"inline_decode_bytes": -1})

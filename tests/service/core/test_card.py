@@ -83,3 +83,19 @@ def test_preprocessing_is_never_defaulted() -> None:
     del data["mean"]
     with pytest.raises(CardError, match="mean"):
         ModelCard.from_dict(data)
+
+
+def test_an_int8_card_carries_its_quantization_record() -> None:
+    from service.core.card import Quantization
+    from service.core.errors import CardError
+
+    base = dict(name="m", labels=("a", "b"), train_resolution=32, mean=(127.0,) * 3, std=(128.0,) * 3)
+    q = Quantization(method="minmax", calibration_count=2, calibration_fingerprint="f" * 64,
+                     calibration_sha256=("a" * 64, "b" * 64), seed=0, source_sha256="c" * 64,
+                     float_nodes=("n1",), options=(("ActivationSymmetric", "False"),))
+    card = ModelCard(**base, precision="int8", quantization=q)  # type: ignore[arg-type]
+    assert ModelCard.from_json(card.to_json()) == card
+    with pytest.raises(CardError, match="quantization"):
+        ModelCard(**base, precision="int8")  # type: ignore[arg-type]
+    with pytest.raises(CardError, match="quantization"):
+        ModelCard(**base, quantization=q)  # type: ignore[arg-type]
