@@ -79,5 +79,7 @@ def test_fp16_export_keeps_float32_io_and_records_its_parity(small_net: nn.Modul
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ValueError, match="precision must be fp32, fp16 or int8"):
+        export_module(small_net, small_card(), repo, "half", precision="int4")
+    with pytest.raises(ValueError, match="calibration photos"):
         export_module(small_net, small_card(), repo, "half", precision="int8")
