@@ -28,18 +28,23 @@ from service import v2
 from service.catalog import Catalog, CatalogLoader, ServedVersion
 from service.core.boxes import shift_box, zoom_box
 from service.core.errors import ImageTooLarge, InvalidInput, Overloaded, VersionNotFound
+from service.core.gpu_preprocess import Planned
 from service.core.preprocess import Prepared, to_original
 from service.core.repository import ModelRepository, parse_version, validate_name
 from service.core.runtime import softmax
 from service.metrics import Metrics
 from service.settings import ServeSettings
 
-__all__ = ["DataPlane", "InferFn", "MAX_V2_BATCH"]
+__all__ = ["DataPlane", "InferFn", "DeviceInferFn", "MAX_V2_BATCH"]
 
 log = logging.getLogger(__name__)
 
 InferFn = Callable[["ServedVersion", np.ndarray], Awaitable[np.ndarray]]
 """(served version, one (3, H, W) float32 tensor) -> (num_classes,) float32 logits."""
+
+DeviceInferFn = Callable[["ServedVersion", Any], Awaitable[np.ndarray]]
+"""(served version, one image planned on the host (gpu_preprocess.Planned)) -> (num_classes,) float32 logits:
+decoded, resampled and classified on the device (versions with ``device_pre``)."""
 
 MAX_V2_BATCH = 64
 
@@ -56,6 +61,7 @@ class DataPlane:
         executor: Executor | None = None,
         rng: random.Random | None = None,
         after_reload: Callable[[], Awaitable[None]] | None = None,
+        device_infer: DeviceInferFn | None = None,
     ) -> None:
         self.settings = settings
         self.repo = repo
@@ -70,6 +76,7 @@ class DataPlane:
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self.after_reload = after_reload
+        self.device_infer: DeviceInferFn = device_infer or self._direct_device_infer
 
     # ------------------------------------------------------------------ the catalog
     def load_all(self) -> Catalog:
@@ -149,8 +156,13 @@ class DataPlane:
         if not isinstance(top_k, int) or top_k < 1 or top_k > 1000:
             raise InvalidInput(f"top_k must be an integer in [1, 1000], got {top_k!r}")
         served = self.route(model, version)
-        prepared = await self._prepare(served, data)
-        logits = await self.infer(served, prepared.tensor)
+        if served.device_pre is not None:  # decoded and resampled on the device, inside the batch
+            prepared, logits = await self._device_classify(served, data)
+            box = prepared.box  # already in the encoded image's pixels
+        else:
+            prepared = await self._prepare(served, data)
+            logits = await self.infer(served, prepared.tensor)
+            box = to_original(prepared.box, prepared.image)
         preds = served.classifier.top_k(logits[None, :], top_k)[0]
         self._side_traffic(served, prepared, logits)
         return served, {
@@ -161,7 +173,7 @@ class DataPlane:
             "preprocess": {
                 "policy": served.policy,
                 "resolution": served.resolution,
-                "box": to_original(prepared.box, prepared.image).as_list(),
+                "box": box.as_list(),
             },
         }
 
@@ -205,7 +217,7 @@ class DataPlane:
 
     async def _shadow(self, served: ServedVersion, candidate: ServedVersion, prepared: Prepared, top1: int) -> None:
         try:
-            if (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
+            if prepared.tensor is not None and (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
                     and candidate.card.mean == served.card.mean and candidate.card.std == served.card.std:
                 tensor = prepared.tensor
             else:
@@ -234,6 +246,10 @@ class DataPlane:
 
     @staticmethod
     def _render(served: ServedVersion, image: Any, box: Any) -> np.ndarray:
+        if isinstance(image, Planned):  # the device path keeps the encoded image, not its pixels
+            if served.device_pre is not None:  # box None: this version's own box (a shadow candidate's may differ)
+                return served.device_pre.tensor(image if box is not None else served.device_pre.plan(image.data), box)
+            image = served.pre.decode(image.data)
         return served.pre.tensor(image, box)
 
     async def drain(self, timeout: float = 5.0) -> None:
@@ -259,6 +275,11 @@ class DataPlane:
                 raise InvalidInput("input 'image' has no elements")
             if len(tensor.elements) > MAX_V2_BATCH:
                 raise InvalidInput(f"input 'image' has {len(tensor.elements)} images; at most {MAX_V2_BATCH} per request")
+            if served.device_pre is not None:  # decoded and resampled on the device, inside the batch
+                logits = np.stack([row for _, row in await asyncio.gather(
+                    *(self._device_classify(served, e) for e in tensor.elements))])
+                outputs, binary = self._v2_outputs(served, logits, request)
+                return served, outputs, binary
             # keep only each tensor: holding up to MAX_V2_BATCH decoded full-size images at once
             # would let one small body of compressible JPEGs take gigabytes
             rows = list(await asyncio.gather(*(self._tensor_of(served, e) for e in tensor.elements)))
@@ -306,4 +327,30 @@ class DataPlane:
                 outputs.append(v2.OutputTensor("logits", "FP32", tuple(logits.shape), array=logits))
             binary.append(bool(as_binary))
         return outputs, binary
+
+    # ------------------------------------------------------------------ the device path (preprocess_device gpu)
+    async def _device_classify(self, served: ServedVersion, data: bytes) -> tuple[Prepared, np.ndarray]:
+        """Plan on the host (header, box, route: 400/413 as on the CPU path), then decode, resample and
+        classify on the device in the batch. The Prepared keeps the plan (no pixels, no host tensor)."""
+        loop = asyncio.get_running_loop()
+        planned = await loop.run_in_executor(self.executor, self._plan_sync, served, data)
+        logits = await self.device_infer(served, planned)
+        return Prepared(planned, planned.box, None), logits  # type: ignore[arg-type]
+
+    def _plan_sync(self, served: ServedVersion, data: bytes) -> Planned:
+        start = time.perf_counter()
+        planned = served.device_pre.plan(data)
+        self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
+        return planned
+
+    async def _direct_device_infer(self, served: ServedVersion, planned: Planned) -> np.ndarray:
+        """One image through the device path without a batcher (unit tests; the service batches)."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, served.device_pre.logits, served.classifier, [planned])
+        self.metrics.batch(served.model, str(served.version), 1, result.inference_s, [0.0])
+        self.metrics.device_batch(served.model, str(served.version), result)
+        (row,) = result.logits
+        if isinstance(row, BaseException):
+            raise row
+        return row
 

@@ -69,6 +69,11 @@ class ServeSettings(BaseModel):
         admin_token: bearer token of ``/v1/admin/*``; admin endpoints are off without one.
         retry_after_s: Retry-After of 503 answers.
         seed: seed of the traffic sampler (None: random).
+        preprocess_device: where images are decoded and resampled: ``cpu`` (Pillow), ``gpu`` (NVIDIA DALI on the
+            replica's GPU, tensor fed to ONNX Runtime on the device; needs ``provider`` cuda or auto and
+            ``replica_gpus``), ``dali-cpu`` (the GPU path's DALI pipeline on DALI's CPU backend: tests only)
+            or ``auto`` (gpu when ONNX Runtime runs on CUDA and DALI sees the GPU, else cpu).
+            See :mod:`service.core.devices`; a GPU config is ``deploy/steady-gpu.yaml``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,6 +113,7 @@ class ServeSettings(BaseModel):
     admin_token: str | None = Field(None, repr=False, min_length=8)
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
+    preprocess_device: Literal["auto", "cpu", "gpu", "dali-cpu"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
@@ -116,6 +122,11 @@ class ServeSettings(BaseModel):
                              f"({self.max_batch_size}) or batches never fill")
         if any(b < 1 for b in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes must be >= 1, got {self.warmup_batch_sizes}")
+        if self.preprocess_device == "gpu" and self.provider == "cpu":
+            raise ValueError("preprocess_device gpu needs provider cuda or auto: the tensor stays on the GPU "
+                             "for ONNX Runtime")
+        if self.preprocess_device == "gpu" and self.replica_gpus <= 0:
+            raise ValueError("preprocess_device gpu needs replica_gpus > 0, so Ray reserves a GPU for each replica")
         return self
 
     # ----------------------------------------------------------------- building
