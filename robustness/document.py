@@ -21,13 +21,14 @@ __all__ = ["score_version"]
 
 def score_version(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
                          seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
-                         progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Dataset]:
+                         progress: bool = False, batch_size: int = 32,
+                         preprocess_device: str = "cpu") -> tuple[dict[str, Any], Dataset]:
     """Score a stored version and return the robustness.json document (and the dataset)."""
 
     loaded = repo.load(model, version)
     card = loaded.card
     dataset = load_dataset(data, labels, max_images)
-    options = ScoreOptions(batch_size=batch_size)
+    options = ScoreOptions(batch_size=batch_size, preprocess_device=preprocess_device)
     with iter_progress(len(dataset.items), progress) as bar:
         if workers > 0 or ray_address:
             records, timing = run_ray(loaded.onnx_bytes, card, dataset, config, seed, options, max(workers, 1),
@@ -57,6 +58,7 @@ def score_version(repo: Any, model: str, version: int, data: str, labels: str | 
         "timing": {"seconds": round(timing["seconds"], 3), "evaluations": int(timing["evaluations"]),
                    "evaluations_per_s": round(timing["evaluations"] / max(timing["seconds"], 1e-9), 2),
                    "workers": workers or None, "ray_address": ray_address},
+        "preprocess": {"device": preprocess_device},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "steady_version": steady_version(),
     }

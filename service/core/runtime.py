@@ -139,6 +139,20 @@ class Classifier:
         return np.asarray(out, dtype=np.float32).reshape(shape[0], -1)
 
 
+    def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+        """Softmax scores of the k best classes per row."""
+        if k < 1:
+            raise InvalidInput(f"top_k must be >= 1, got {k}")
+        k = min(k, logits.shape[-1])
+        probs = softmax(logits.astype(np.float32, copy=True))
+        idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        labels: Sequence[str] = self.card.labels
+        return [
+            [Prediction(int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(p[int(i)])) for i in row]
+            for row, p in zip(idx, probs)
+        ]
+
+
 def _bind_input(ort: Any, binding: Any, name: str, tensor: Any, use_dlpack: bool = True) -> list[int]:
     """Bind ``tensor`` as input ``name`` without copying it; returns its shape.
 
@@ -164,16 +178,3 @@ def _bind_input(ort: Any, binding: Any, name: str, tensor: Any, use_dlpack: bool
     shape = [int(d) for d in iface["shape"]]
     binding.bind_input(name, device, 0, np.float32, shape, int(iface["data"][0]))
     return shape
-
-    def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[Prediction]]:
-        """Softmax scores of the k best classes per row."""
-        if k < 1:
-            raise InvalidInput(f"top_k must be >= 1, got {k}")
-        k = min(k, logits.shape[-1])
-        probs = softmax(logits.astype(np.float32, copy=True))
-        idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        labels: Sequence[str] = self.card.labels
-        return [
-            [Prediction(int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(p[int(i)])) for i in row]
-            for row, p in zip(idx, probs)
-        ]
