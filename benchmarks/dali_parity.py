@@ -16,20 +16,17 @@ Like the export parity, a record with stated tolerances and a verdict. For every
 Contract (the verdict): max |difference| <= ``MAX_LEVELS`` against the reference on every photo,
 and top-1 agreement with the CPU path as served >= ``MIN_AGREEMENT``.
 
-Usage (``steady bench parity`` runs the same function)::
+Usage (exit code 0 when the contract holds)::
 
-    python -m benchmarks.dali_parity --repo models efficientnet-lite0 --data ../shared/data/imagenet-sample \\
+    steady bench parity --repo models efficientnet-lite0 --data ../shared/data/imagenet-sample \\
         [--device cpu|gpu] [--large 16] [--out benchmarks/results/dali-parity-lite0-cpu.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -199,27 +196,3 @@ def format_parity(doc: dict[str, Any]) -> str:
                      + (f"; ms/photo {s['ms_per_photo']}" if "ms_per_photo" in s else ""))
     lines.append("PASSED" if doc["passed"] else "FAILED")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", required=True)
-    parser.add_argument("model")
-    parser.add_argument("--version", type=int)
-    parser.add_argument("--data", required=True, help="folder of photos (labels.csv inside gives accuracy)")
-    parser.add_argument("--labels", help="CSV with columns file,class_index (default: DATA/labels.csv)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="DALI's backend (default cpu)")
-    parser.add_argument("--large", type=int, default=0, help="also N 12 MP photos made from the first N")
-    parser.add_argument("--max-images", type=int, default=0)
-    parser.add_argument("--out", help="write the JSON record here")
-    args = parser.parse_args(argv)
-    doc = dali_parity(args.repo, args.model, args.data, version=args.version, labels=args.labels,
-                      device=args.device, large=args.large, max_images=args.max_images)
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(format_parity(doc))
-    return 0 if doc["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
