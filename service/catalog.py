@@ -138,11 +138,18 @@ def _device_preprocessor(card: ModelCard, policy: str, resolution: int, settings
     where = resolve_preprocess_device(settings.preprocess_device, classifier.providers)
     if where == "cpu":
         return None
+    from service.core.errors import DeviceUnavailable
     from service.core.gpu_preprocess import DaliPreprocessor, warmup_jpeg
 
-    device_pre = DaliPreprocessor(card, policy=policy, resolution=resolution, device="gpu" if where == "gpu" else "cpu",
-                                  max_batch=settings.max_batch_size, threads=settings.decode_threads,
-                                  max_pixels=settings.max_pixels)
+    try:
+        device_pre = DaliPreprocessor(card, policy=policy, resolution=resolution,
+                                      device="gpu" if where == "gpu" else "cpu", max_batch=settings.max_batch_size,
+                                      threads=settings.decode_threads, max_pixels=settings.max_pixels)
+    except DeviceUnavailable as exc:  # a card DALI cannot reproduce (nearest): auto keeps it on the CPU
+        if settings.preprocess_device != "auto":
+            raise
+        log.warning("%s/%s: %s; preprocessing on the CPU", card.name, card.version, exc)
+        return None
     item = device_pre.plan(warmup_jpeg())
     for size in settings.batch_sizes_to_warm:
         result = device_pre.logits(classifier, [item] * size)

@@ -72,7 +72,8 @@ class ServeSettings(BaseModel):
         preprocess_device: where images are decoded and resampled: ``cpu`` (Pillow), ``gpu`` (NVIDIA DALI on the
             replica's GPU, tensor fed to ONNX Runtime on the device; needs ``provider`` cuda or auto and
             ``replica_gpus``), ``dali-cpu`` (the GPU path's DALI pipeline on DALI's CPU backend: tests only)
-            or ``auto`` (gpu when ONNX Runtime runs on CUDA and DALI sees the GPU, else cpu).
+            or ``auto`` (gpu when ONNX Runtime runs on CUDA and DALI sees the GPU, else cpu; a card DALI cannot
+            reproduce, interpolation nearest, stays on the CPU).
             See :mod:`service.core.devices`; a GPU config is ``deploy/steady-gpu.yaml``.
     """
 

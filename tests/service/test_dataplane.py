@@ -288,3 +288,14 @@ def test_the_gpu_path_answers_like_the_cpu_path(tiny_repo: ModelRepository, phot
     _, outputs, _ = asyncio.run(gpu_path.infer_v2("tiny", None, req))
     expected = served.classifier.logits(np.concatenate([full_decode(jpeg), Preprocessor(served.card)(png)]))
     np.testing.assert_allclose(outputs[0].array, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gpu_path_refuses_a_card_it_cannot_reproduce(tmp_path: Path, tiny_onnx: bytes) -> None:
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -e '.[test]' brings it")
+    from service.core.errors import SteadyError
+
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("nearest", tiny_onnx, tiny_card("nearest", interpolation="nearest"))
+    with pytest.raises(SteadyError, match="nearest.*no DALI filter"):
+        _plane(repo, preprocess_device="dali-cpu")
+    assert _plane(repo).lookup("nearest", None).device_pre is None  # auto / cpu: the CPU path serves it
