@@ -16,6 +16,11 @@ Like the export parity, a record with stated tolerances and a verdict. For every
 Contract (the verdict): max |difference| <= ``MAX_LEVELS`` against the reference on every photo,
 and top-1 agreement with the CPU path as served >= ``MIN_AGREEMENT``.
 
+The second half of the contract is the scorer's: ``steady score --preprocess-device gpu`` (or ``dali-cpu``)
+must give flip metrics within the 95% intervals of the CPU path's ``steady score`` on the same photos and
+seed; :func:`compare_scores` (``steady bench compare-scores CPU.json DEVICE.json``) checks two
+``robustness.json`` documents.
+
 Usage (exit code 0 when the contract holds)::
 
     steady bench parity --repo models efficientnet-lite0 --data ../shared/data/imagenet-sample \\
@@ -30,7 +35,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -39,7 +44,7 @@ from service.core.preprocess import Preprocessor
 from service.core.repository import ModelRepository
 from service.core.runtime import Classifier, RuntimeOptions
 
-__all__ = ["MAX_LEVELS", "MIN_AGREEMENT", "dali_parity", "format_parity"]
+__all__ = ["MAX_LEVELS", "MIN_AGREEMENT", "dali_parity", "format_parity", "compare_scores", "format_comparison"]
 
 MAX_LEVELS = 3.0  # the contract's pixel tolerance (levels of 0..255), every pixel of every photo
 MIN_AGREEMENT = 0.99  # top-1 agreement with the CPU path as served
@@ -194,5 +199,56 @@ def format_parity(doc: dict[str, Any]) -> str:
                      f"levels vs full decode; top-1 agreement {a['value']:.3f} {a['ci95']}; "
                      f"IO binding max logit diff {s['io_binding_max_abs_logit_diff']:.2e}"
                      + (f"; ms/photo {s['ms_per_photo']}" if "ms_per_photo" in s else ""))
+    lines.append("PASSED" if doc["passed"] else "FAILED")
+    return "\n".join(lines)
+
+
+def _estimates(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every ``{value, ci95, n}`` estimate under ``node``, named by its path (list rows by their size/resolution)."""
+    if isinstance(node, dict):
+        if {"value", "ci95", "n"} <= set(node):
+            yield path, node
+            return
+        for key, child in node.items():
+            yield from _estimates(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for row in node:
+            if isinstance(row, dict):
+                tag = next((f"{k}={row[k]}" for k in ("size", "resolution") if k in row), None)
+                if tag is not None:
+                    yield from _estimates({k: v for k, v in row.items() if k not in ("size", "resolution")},
+                                          f"{path}[{tag}]")
+
+
+def compare_scores(cpu: dict[str, Any], device: dict[str, Any]) -> dict[str, Any]:
+    """Every estimate (flip metrics, accuracies) both robustness.json documents have: is the device run's value
+    inside the CPU run's 95% interval? Both must be of the same model, photos and seed."""
+    for key in ("model_sha256", "seed"):
+        if cpu.get(key) != device.get(key):
+            raise ValueError(f"the two runs differ in {key}: {cpu.get(key)!r} vs {device.get(key)!r}")
+    if cpu["data"]["fingerprint"] != device["data"]["fingerprint"]:
+        raise ValueError("the two runs scored different photos")
+    theirs = dict(_estimates({"accuracy": cpu["accuracy"], "protocols": cpu["protocols"]}, ""))
+    rows = []
+    for name, est in _estimates({"accuracy": device["accuracy"], "protocols": device["protocols"]}, ""):
+        ref = theirs.get(name)
+        if ref is None or est["value"] is None or ref["value"] is None:
+            continue
+        lo, hi = ref["ci95"]
+        rows.append({"estimate": name, "cpu": ref["value"], "cpu_ci95": [lo, hi], "device": est["value"],
+                     "device_ci95": est["ci95"], "within": bool(lo - 1e-12 <= est["value"] <= hi + 1e-12)})
+    return {"model_sha256": cpu["model_sha256"], "images": cpu["data"]["images"], "seed": cpu["seed"],
+            "devices": [cpu.get("preprocess", {}).get("device", "cpu"), device.get("preprocess", {}).get("device")],
+            "compared": len(rows), "within": sum(r["within"] for r in rows),
+            "passed": bool(rows) and all(r["within"] for r in rows), "rows": rows}
+
+
+def format_comparison(doc: dict[str, Any]) -> str:
+    lines = [f"{doc['devices'][1]} vs {doc['devices'][0]} on {doc['images']} photos (seed {doc['seed']}): "
+             f"{doc['within']} of {doc['compared']} estimates inside the CPU run's 95% interval"]
+    for r in doc["rows"]:
+        lo, hi = r["cpu_ci95"]
+        lines.append(f"  {'ok ' if r['within'] else 'OUT'} {r['estimate']:<52} cpu {r['cpu']:.4f} [{lo:.4f}, {hi:.4f}]"
+                     f"  device {r['device']:.4f}")
     lines.append("PASSED" if doc["passed"] else "FAILED")
     return "\n".join(lines)

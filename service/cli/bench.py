@@ -16,7 +16,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``steady bench score``, ``serve``, ``gpu`` and ``parity`` to the ``steady`` parser."""
+    """Add ``steady bench score``, ``serve``, ``gpu``, ``parity`` and ``compare-scores`` to the ``steady`` parser."""
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_serve(bench_sub)
     _add_gpu(bench_sub)
     _add_parity(bench_sub)
+    _add_compare_scores(bench_sub)
 
 
 def _cmd_bench_score(args: argparse.Namespace) -> int:
@@ -168,5 +169,27 @@ def _cmd_bench_parity(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1) if args.json else format_parity(doc))
+    return 0 if doc["passed"] else 1
+
+
+def _add_compare_scores(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "compare-scores", help="is every estimate of a GPU-path steady score inside the CPU run's intervals",
+        description="Compare two robustness.json documents of the same model, photos and seed (steady score, then "
+                    "steady score --preprocess-device gpu|dali-cpu): every flip metric and accuracy of the second must "
+                    "lie inside the first's 95% interval. Exit 0 when all do, 1 otherwise.")
+    p.add_argument("cpu", help="robustness.json of the CPU path")
+    p.add_argument("device", help="robustness.json of the GPU path (gpu or dali-cpu)")
+    p.add_argument("--out", help="also write the comparison as JSON")
+    p.set_defaults(func=_cmd_compare_scores)
+
+
+def _cmd_compare_scores(args: argparse.Namespace) -> int:
+    from benchmarks.dali_parity import compare_scores, format_comparison
+
+    doc = compare_scores(json.loads(Path(args.cpu).read_text()), json.loads(Path(args.device).read_text()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(format_comparison(doc))
     return 0 if doc["passed"] else 1
 

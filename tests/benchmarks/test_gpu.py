@@ -79,3 +79,40 @@ def test_parity_record_on_dalis_cpu_backend(tmp_path: Path, capsys: pytest.Captu
     assert main(["bench", "parity", "--repo", str(repo.root), "tiny224", "--data", str(photos)]) == 1
     assert "FAILED" in capsys.readouterr().out
     assert np.isfinite(s["ms_per_photo"]["dali_cpu"])
+
+
+def _doc(device: str, pan: float, embed: float, seed: int = 0) -> dict:
+    def est(v: float, lo: float, hi: float) -> dict:
+        return {"value": v, "ci95": [lo, hi], "n": 400}
+
+    return {"model_sha256": "ab" * 32, "seed": seed, "data": {"fingerprint": "f", "images": 200},
+            "preprocess": {"device": device},
+            "accuracy": {"center": {"top1": est(0.895, 0.85, 0.935), "top5": None}},
+            "protocols": {"pan": {"center": {"p_change": est(pan, 0.021, 0.049), "translate_offsets": [-1, 0, 1]}},
+                          "embed": {"center": {"sizes": [{"size": 0.5, "accuracy": None,
+                                                          "p_change": est(embed, 0.142, 0.230)}],
+                                               "positions": 2}}}}
+
+
+def test_compare_scores_checks_every_estimate_against_the_cpu_intervals(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.dali_parity import compare_scores
+
+    cpu, same = _doc("cpu", 0.034, 0.185), _doc("dali-cpu", 0.036, 0.190)
+    doc = compare_scores(cpu, same)
+    assert doc["passed"] and doc["compared"] == 3 and doc["devices"] == ["cpu", "dali-cpu"]
+    names = [r["estimate"] for r in doc["rows"]]
+    assert names == ["accuracy.center.top1", "protocols.pan.center.p_change",
+                     "protocols.embed.center.sizes[size=0.5].p_change"]
+    out = compare_scores(cpu, _doc("gpu", 0.034, 0.25))
+    assert not out["passed"] and [r["within"] for r in out["rows"]] == [True, True, False]
+    with pytest.raises(ValueError, match="seed"):
+        compare_scores(cpu, _doc("gpu", 0.034, 0.185, seed=1))
+    a, b = tmp_path / "cpu.json", tmp_path / "gpu.json"
+    a.write_text(json.dumps(cpu))
+    b.write_text(json.dumps(_doc("gpu", 0.034, 0.25)))
+    assert main(["bench", "compare-scores", str(a), str(b)]) == 1
+    assert "OUT protocols.embed.center.sizes[size=0.5].p_change" in capsys.readouterr().out
+    b.write_text(json.dumps(same))
+    assert main(["bench", "compare-scores", str(a), str(b), "--out", str(tmp_path / "cmp.json")]) == 0
+    assert json.loads((tmp_path / "cmp.json").read_text())["within"] == 3
