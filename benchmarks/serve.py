@@ -42,7 +42,7 @@ from service.core.images import IMAGE_SUFFIXES, is_image_file
 from service.launcher import ServeProcess
 
 __all__ = ["BenchOptions", "bench_serve", "latency_summary", "format_report", "make_large_photos", "memory_of",
-           "cpu_times", "cpu_share"]
+           "cpu_times", "cpu_share", "image_paths", "run_wrk", "run_aiohttp", "check_answers"]
 CEILING_BATCH_SIZES = (1, 4, 8, 16)
 LARGE_SIZE = (4000, 3000)  # 12 MP, a phone photo
 
@@ -316,12 +316,13 @@ end
 """
 
 
-def run_wrk(url: str, paths: Sequence[Path], concurrency: int, duration_s: float, workdir: Path) -> dict[str, Any]:
-    """One wrk run (1 thread, ``concurrency`` connections); client CPU from the child's rusage."""
+def run_wrk(url: str, paths: Sequence[Path], concurrency: int, duration_s: float, workdir: Path,
+            threads: int = 1) -> dict[str, Any]:
+    """One wrk run (``threads`` threads, ``concurrency`` connections); client CPU from the child's rusage."""
     script = workdir / "steady-bench.lua"
     script.write_text(_WRK_SCRIPT % {"paths": ", ".join(json.dumps(str(p)) for p in paths)})
     secs = max(1, int(round(duration_s)))
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{secs}s", "--timeout", "30s", "-s", str(script), url]
+    cmd = ["wrk", f"-t{max(1, min(threads, concurrency))}", f"-c{concurrency}", f"-d{secs}s", "--timeout", "30s", "-s", str(script), url]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
@@ -451,7 +452,7 @@ def _settings(opts: BenchOptions) -> Any:
     return ServeSettings.build(opts.repo, config=opts.config, environ={}, overrides=opts.extra)
 
 
-def _check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -> float:
+def check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -> float:
     """Share of images whose served top-1 equals the in-process top-1 (the two must agree)."""
     import httpx
 
@@ -471,7 +472,7 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     bodies = [p.read_bytes() for p in paths]
     client = opts.client if opts.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     log(f"[{name}] {len(paths)} images, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; client {client}")
-    agreement = _check_answers(url, bodies, ceiling.top1(bodies))
+    agreement = check_answers(url, bodies, ceiling.top1(bodies))
     single_before = ceiling.single_latency(bodies[: min(len(bodies), 32)])
     log(f"[{name}] served top-1 == in-process top-1 on {agreement:.1%}; in-process single image p50 "
         f"{single_before['p50_ms']} ms")

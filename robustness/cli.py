@@ -64,7 +64,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     doc, dataset = score_version(repo, args.model, version, args.data, args.labels, config, args.seed,
                                         args.max_images, args.workers, args.ray_address,
                                         progress=not args.no_progress, batch_size=args.batch_size,
-                                        remedy_rule=remedy_rule, half=args.half, split_seed=args.split_seed)
+                                        remedy_rule=remedy_rule, half=args.half, split_seed=args.split_seed,
+                                        preprocess_device=args.preprocess_device)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
     if args.out:
         out = Path(args.out)
@@ -237,6 +238,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", type=int, default=8, metavar="N",
                    help="with --out: occlusion maps of the N photos that flip most under 1-px moves (default 8; "
                         "0: none). Costs 9 evaluations per photo to find them, then 340 per explained photo at 224 px")
+    p.add_argument("--preprocess-device", choices=("cpu", "gpu", "dali-cpu"), default="cpu",
+                   help="decode and resample the views with Pillow (cpu, default), NVIDIA DALI on the GPU (gpu) "
+                        "or DALI's CPU backend (dali-cpu)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("gate", help="decide whether a scored version may be promoted",

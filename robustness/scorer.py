@@ -33,6 +33,7 @@ class ScoreOptions:
     threads: int = 0       # ONNX Runtime intra-op threads (0: all cores)
     overlap: bool = True   # prepare the next batches in a thread while ORT runs
     share: bool = True     # shared views, Renderer, specialised sessions (False: the unoptimised reference)
+    preprocess_device: str = "cpu"  # cpu (Pillow) | gpu | dali-cpu: who decodes and resamples (service.core.devices)
 
 
 def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -51,7 +52,8 @@ def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[s
 
 
 def _evaluate_followups(classifier: Classifier, card: ModelCard, plans: Sequence[ImagePlan],
-                        probs: list[dict[Any, np.ndarray]], batch_size: int) -> tuple[int, float]:
+                        probs: list[dict[Any, np.ndarray]], batch_size: int,
+                        views: Callable[..., np.ndarray] | None = None) -> tuple[int, float]:
     """The second stage: views the plans ask for after seeing their first rows (ensemble copies of unsure
     views), each key not yet evaluated once; rows are added to ``probs``. Returns (evaluations, seconds)."""
     stage = []
@@ -63,7 +65,7 @@ def _evaluate_followups(classifier: Classifier, card: ModelCard, plans: Sequence
                     extra.views.setdefault(key, spec)
         stage.append(extra)
     evaluations, seconds = 0, 0.0
-    for entries, tensor in _batches(stage, card, batch_size):
+    for entries, tensor in _batches(stage, card, batch_size, views):
         seconds += _infer_into(classifier, entries, tensor, probs)
         evaluations += len(entries)
     return evaluations, seconds
@@ -83,8 +85,10 @@ def _infer_into(classifier: Classifier, entries: list[tuple[int, Any]], tensor: 
     return seconds
 
 
-def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> Iterable[tuple[list[tuple[int, Any]], np.ndarray]]:
-    """(entries, normalised tensor) batches of the plans' views, grouped by resolution."""
+def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int,
+             views: Callable[..., np.ndarray] | None = None) -> Iterable[tuple[list[tuple[int, Any]], np.ndarray]]:
+    """(entries, normalised tensor) batches of the plans' views, grouped by resolution (``views``: the device's
+    renderer, ``DaliPreprocessor.render``, instead of Pillow's)."""
     bg = tuple(card.mean)
     groups: dict[int, list[tuple[int, Any]]] = {}
     for i, plan in enumerate(plans):
@@ -93,6 +97,10 @@ def _batches(plans: Sequence[ImagePlan], card: ModelCard, batch_size: int) -> It
     for res, entries in sorted(groups.items()):
         for start in range(0, len(entries), batch_size):
             chunk = entries[start:start + batch_size]
+            if views is not None:
+                specs = [plans[i].views[key] for i, key in chunk]
+                yield chunk, views([v.image for v in specs], [v.box for v in specs], res)
+                continue
             pixels = np.empty((len(chunk), res, res, 3), dtype=np.uint8)
             for j, (i, key) in enumerate(chunk):
                 pixels[j] = plans[i].views[key].pixels(card.interpolation, bg)
@@ -135,6 +143,13 @@ def score_items(
                                                              static_sizes=tuple(dict.fromkeys(sizes)) if options.share
                                                              else ()))
     pre = Preprocessor(card, policy="object", resolution=max(config.resolutions(card) + (card.resolution,)))
+    decode, views = pre.decode, None
+    if options.preprocess_device != "cpu":  # the GPU path's decoder and resampler (full-size decode)
+        from service.core.gpu_preprocess import DaliPreprocessor
+
+        dali = DaliPreprocessor(card, device="gpu" if options.preprocess_device == "gpu" else "cpu",
+                                max_batch=options.batch_size)
+        decode, views = dali.decode, dali.render
     todo: queue.Queue[Any] = queue.Queue(maxsize=4)
     stop = threading.Event()
 
@@ -143,10 +158,10 @@ def score_items(
             chunk = items[start:start + options.chunk_images]
             plans = []
             for item in chunk:
-                img = pre.decode((Path(root) / item.path).read_bytes())
+                img = decode((Path(root) / item.path).read_bytes())
                 rng = np.random.default_rng([seed, item.index])
                 plans.append(plan_image(img, card, config, item.label, rng, share=options.share))
-            for batch in _batches(plans, card, options.batch_size):
+            for batch in _batches(plans, card, options.batch_size, views):
                 yield ("batch", batch)
             yield ("chunk", (chunk, plans))
         yield ("end", None)
@@ -184,7 +199,7 @@ def score_items(
                 chunk, plans = payload
                 while len(probs) < len(plans):
                     probs.append({})
-                more, seconds = _evaluate_followups(classifier, card, plans, probs, options.batch_size)
+                more, seconds = _evaluate_followups(classifier, card, plans, probs, options.batch_size, views)
                 evaluations, infer = evaluations + more, infer + seconds
                 for k, (item, plan) in enumerate(zip(chunk, plans)):
                     records.append(_record(item, plan, probs[k] if k < len(probs) else {}))
@@ -460,7 +475,8 @@ def run_ray(onnx_bytes: bytes, card: ModelCard, dataset: Dataset, config: Protoc
         task = ray.remote(num_cpus=1)(score_items)
         model_ref = ray.put(onnx_bytes)
         t0 = time.perf_counter()
-        worker_opts = ScoreOptions(options.batch_size, options.chunk_images, threads=1)
+        worker_opts = ScoreOptions(options.batch_size, options.chunk_images, threads=1,
+                                   preprocess_device=options.preprocess_device)
         pieces = [(len(s), task.remote(model_ref, card, str(dataset.root), s, config, seed, worker_opts))
                   for s in shard(dataset.items, 4 * max(workers, int(ray.cluster_resources().get("CPU", 1))))]
         records: list[dict[str, Any]] = []

@@ -47,6 +47,7 @@ class ServedVersion:
     pre: Preprocessor = field(repr=False, compare=False)
     robustness: dict[str, Any] | None = None
     chosen: dict[str, Any] | None = None
+    device_pre: Any = field(default=None, repr=False, compare=False)  # a DaliPreprocessor: preprocessing on the device
 
     @property
     def policy(self) -> str:
@@ -141,7 +142,44 @@ def load_version(repo: ModelRepository, model: str, version: int, stage: str, se
         logits = classifier.logits(warm)
         if logits.shape != (size, card.num_classes) or not np.all(np.isfinite(logits)):
             raise SteadyError(f"{model}/{version} failed warm-up at batch {size}: logits {logits.shape}")
-    return ServedVersion(model, version, stage, card, loaded.sha256, classifier, pre, summary, chosen)
+    device_pre = _device_preprocessor(card, policy, resolution, settings, classifier, ensemble)
+    return ServedVersion(model, version, stage, card, loaded.sha256, classifier, pre, summary, chosen, device_pre)
+
+
+def _device_preprocessor(card: ModelCard, policy: str, resolution: int, settings: ServeSettings,
+                         classifier: Classifier, ensemble: Ensemble | None = None) -> Any:
+    """The DALI preprocessing of a version when ``preprocess_device`` resolves to gpu or dali-cpu (else None),
+    warmed up at every batch size with a real JPEG so its buffers exist before traffic. A version serving a
+    shift ensemble is preprocessed on the CPU: its copies are rendered from the decoded image."""
+    from service.core.devices import resolve_preprocess_device
+
+    where = resolve_preprocess_device(settings.preprocess_device, classifier.providers)
+    if where == "cpu":
+        return None
+    if ensemble is not None:
+        log.warning("%s/%s serves the shift ensemble %s: preprocessing on the CPU (the copies need the decoded "
+                    "image), inference on %s", card.name, card.version, ensemble.name, classifier.providers[0])
+        return None
+    from service.core.errors import DeviceUnavailable
+    from service.core.gpu_preprocess import DaliPreprocessor, warmup_jpeg
+
+    try:
+        device_pre = DaliPreprocessor(card, policy=policy, resolution=resolution,
+                                      device="gpu" if where == "gpu" else "cpu", max_batch=settings.max_batch_size,
+                                      threads=settings.decode_threads, max_pixels=settings.max_pixels)
+    except DeviceUnavailable as exc:  # a card DALI cannot reproduce (nearest): auto keeps it on the CPU
+        if settings.preprocess_device != "auto":
+            raise
+        log.warning("%s/%s: %s; preprocessing on the CPU", card.name, card.version, exc)
+        return None
+    item = device_pre.plan(warmup_jpeg())
+    for size in settings.batch_sizes_to_warm:
+        result = device_pre.logits(classifier, [item] * size)
+        if result.device_images != size or not all(isinstance(r, np.ndarray) and np.all(np.isfinite(r))
+                                                   for r in result.logits):
+            raise SteadyError(f"{card.name}/{card.version}: {where} preprocessing failed warm-up at batch {size}")
+    log.info("%s/%s: images decoded and resampled on %s (DALI)", card.name, card.version, where)
+    return device_pre
 
 
 class CatalogLoader:

@@ -33,18 +33,23 @@ from service.catalog import Catalog, CatalogLoader, ServedVersion
 from service.core.boxes import Box, shift_box, zoom_box
 from service.core.ensemble import as_logits, margin
 from service.core.errors import ImageTooLarge, InvalidInput, Overloaded, VersionNotFound
+from service.core.gpu_preprocess import Planned
 from service.core.preprocess import Prepared, to_original
 from service.core.repository import ModelRepository, parse_version, validate_name
 from service.core.runtime import softmax
 from service.metrics import Metrics
 from service.settings import ServeSettings
 
-__all__ = ["DataPlane", "InferFn", "MAX_V2_BATCH"]
+__all__ = ["DataPlane", "InferFn", "DeviceInferFn", "MAX_V2_BATCH"]
 
 log = logging.getLogger(__name__)
 
 InferFn = Callable[["ServedVersion", np.ndarray], Awaitable[np.ndarray]]
 """(served version, one (3, H, W) float32 tensor) -> (num_classes,) float32 logits."""
+
+DeviceInferFn = Callable[["ServedVersion", Any], Awaitable[np.ndarray]]
+"""(served version, one image planned on the host (gpu_preprocess.Planned)) -> (num_classes,) float32 logits:
+decoded, resampled and classified on the device (versions with ``device_pre``)."""
 
 MAX_V2_BATCH = 64
 ENSEMBLE_V2_IMAGES = 8  # decoded images one V2 request holds at once while its ensemble may need copies
@@ -62,6 +67,7 @@ class DataPlane:
         executor: Executor | None = None,
         rng: random.Random | None = None,
         after_reload: Callable[[], Awaitable[None]] | None = None,
+        device_infer: DeviceInferFn | None = None,
     ) -> None:
         self.settings = settings
         self.repo = repo
@@ -76,6 +82,7 @@ class DataPlane:
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self.after_reload = after_reload
+        self.device_infer: DeviceInferFn = device_infer or self._direct_device_infer
 
     # ------------------------------------------------------------------ the catalog
     def load_all(self) -> Catalog:
@@ -155,14 +162,19 @@ class DataPlane:
         if not isinstance(top_k, int) or top_k < 1 or top_k > 1000:
             raise InvalidInput(f"top_k must be an integer in [1, 1000], got {top_k!r}")
         served = self.route(model, version)
-        prepared = await self._prepare(served, data)
-        logits, ensemble = await self._answer(served, prepared.image, prepared.box, prepared.tensor)
+        if served.device_pre is not None:  # decoded and resampled on the device, inside the batch (no ensemble)
+            prepared, logits = await self._device_classify(served, data)
+            box, ensemble = prepared.box, None  # already in the encoded image's pixels
+        else:
+            prepared = await self._prepare(served, data)
+            logits, ensemble = await self._answer(served, prepared.image, prepared.box, prepared.tensor)
+            box = to_original(prepared.box, prepared.image)
         preds = served.classifier.top_k(logits[None, :], top_k)[0]
         self._side_traffic(served, prepared, logits)
         preprocess = {
             "policy": served.policy,
             "resolution": served.resolution,
-            "box": to_original(prepared.box, prepared.image).as_list(),
+            "box": box.as_list(),
         }
         if ensemble is not None:
             preprocess["ensemble"] = ensemble
@@ -244,14 +256,17 @@ class DataPlane:
 
     async def _shadow(self, served: ServedVersion, candidate: ServedVersion, prepared: Prepared, top1: int) -> None:
         try:
-            if (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
+            image = prepared.image
+            if prepared.tensor is not None and (candidate.policy, candidate.resolution) == (served.policy, served.resolution) \
                     and candidate.card.mean == served.card.mean and candidate.card.std == served.card.std:
                 box, tensor = prepared.box, prepared.tensor
             else:
                 loop = asyncio.get_running_loop()
-                box = await loop.run_in_executor(self.executor, candidate.pre.box, prepared.image)
-                tensor = await loop.run_in_executor(self.executor, self._render, candidate, prepared.image, box)
-            cand_logits, _ = await self._answer(candidate, prepared.image, box, tensor, count=False)
+                if isinstance(image, Planned):  # the device path kept the encoded image: decode it on the host
+                    image = await loop.run_in_executor(self.executor, candidate.pre.decode, image.data)
+                box = await loop.run_in_executor(self.executor, candidate.pre.box, image)
+                tensor = await loop.run_in_executor(self.executor, candidate.pre.tensor, image, box)
+            cand_logits, _ = await self._answer(candidate, image, box, tensor, count=False)
             self.metrics.shadow(served.model, str(served.version), str(candidate.version),
                                 int(np.argmax(cand_logits)) == top1)
         except Exception:  # noqa: BLE001 - side traffic must never hurt the answer
@@ -274,6 +289,10 @@ class DataPlane:
 
     @staticmethod
     def _render(served: ServedVersion, image: Any, box: Any) -> np.ndarray:
+        if isinstance(image, Planned):  # the device path keeps the encoded image, not its pixels
+            if served.device_pre is not None:  # box None: this version's own box (a shadow candidate's may differ)
+                return served.device_pre.tensor(image if box is not None else served.device_pre.plan(image.data), box)
+            image = served.pre.decode(image.data)
         return served.pre.tensor(image, box)
 
     async def drain(self, timeout: float = 5.0) -> None:
@@ -299,7 +318,10 @@ class DataPlane:
                 raise InvalidInput("input 'image' has no elements")
             if len(tensor.elements) > MAX_V2_BATCH:
                 raise InvalidInput(f"input 'image' has {len(tensor.elements)} images; at most {MAX_V2_BATCH} per request")
-            if served.ensemble is not None:  # copies need the decoded image: hold a few at a time
+            if served.device_pre is not None:  # decoded and resampled on the device, inside the batch
+                logits = np.stack([row for _, row in await asyncio.gather(
+                    *(self._device_classify(served, e) for e in tensor.elements))])
+            elif served.ensemble is not None:  # copies need the decoded image: hold a few at a time
                 logits = np.stack(await self._answer_images(served, tensor.elements))
             else:
                 # keep only each tensor: holding up to MAX_V2_BATCH decoded full-size images at once
@@ -427,4 +449,30 @@ class DataPlane:
         prepared = Prepared(image, view.box, served.pre.to_tensor(view.pixels[None])[0])
         self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
         return prepared, view.pixels
+
+    # ------------------------------------------------------------------ the device path (preprocess_device gpu)
+    async def _device_classify(self, served: ServedVersion, data: bytes) -> tuple[Prepared, np.ndarray]:
+        """Plan on the host (header, box, route: 400/413 as on the CPU path), then decode, resample and
+        classify on the device in the batch. The Prepared keeps the plan (no pixels, no host tensor)."""
+        loop = asyncio.get_running_loop()
+        planned = await loop.run_in_executor(self.executor, self._plan_sync, served, data)
+        logits = await self.device_infer(served, planned)
+        return Prepared(planned, planned.box, None), logits  # type: ignore[arg-type]
+
+    def _plan_sync(self, served: ServedVersion, data: bytes) -> Planned:
+        start = time.perf_counter()
+        planned = served.device_pre.plan(data)
+        self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
+        return planned
+
+    async def _direct_device_infer(self, served: ServedVersion, planned: Planned) -> np.ndarray:
+        """One image through the device path without a batcher (unit tests; the service batches)."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, served.device_pre.logits, served.classifier, [planned])
+        self.metrics.batch(served.model, str(served.version), 1, result.inference_s, [0.0])
+        self.metrics.device_batch(served.model, str(served.version), result)
+        (row,) = result.logits
+        if isinstance(row, BaseException):
+            raise row
+        return row
 

@@ -31,6 +31,7 @@ from ray import serve
 from service.catalog import ServedVersion
 from service.dataplane import DataPlane
 from service.metrics import Metrics
+from service.core.devices import gpu_readings
 from service.core.repository import ModelRepository
 from service.routes import build_routes
 from service.settings import ServeSettings
@@ -71,9 +72,11 @@ class SteadyServer:
         self._generation: Any = None
         self._seen_generation = 0
         self.plane = DataPlane(self.settings, ModelRepository(self.settings.repo), self.metrics, infer=self._infer,
-                               after_reload=self._announce_reload)
+                               after_reload=self._announce_reload, device_infer=self._infer_encoded)
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._batched_encoded.set_max_batch_size(self.settings.max_batch_size)
+        self._batched_encoded.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.plane.load_all)
         if self.settings.autoscaling or self.settings.num_replicas > 1:
@@ -93,6 +96,8 @@ class SteadyServer:
         while True:
             try:
                 self.plane.publish_gauges()
+                if self.settings.replica_gpus or any(sv.device_pre is not None for sv in self.plane.catalog.all()):
+                    self.metrics.gpu(await asyncio.get_running_loop().run_in_executor(None, gpu_readings))
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 log.exception("publishing gauges failed")
             if self._generation is not None:
@@ -143,3 +148,37 @@ class SteadyServer:
             for row, i in enumerate(idx):
                 results[i] = logits[row]
         return results
+
+    # ------------------------------------------------------------------ the device path (preprocess_device gpu)
+    async def _infer_encoded(self, served: ServedVersion, planned: Any) -> np.ndarray:
+        result = await self._batched_encoded(served, planned, time.perf_counter())
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both re-set from the settings in __init__
+    async def _batched_encoded(self, served: list[ServedVersion], planned: list[Any], enqueued: list[float]) -> list[Any]:
+        """Encoded images planned on the host -> logits: one DALI run and one IO-bound ONNX Runtime call per
+        version (``DaliPreprocessor.logits``); a corrupt image fails only its own request."""
+        groups: dict[int, list[int]] = {}
+        for i, sv in enumerate(served):
+            groups.setdefault(id(sv), []).append(i)
+        results: list[Any] = [None] * len(planned)
+        loop = asyncio.get_running_loop()
+        for idx in groups.values():
+            sv = served[idx[0]]
+            t0 = time.perf_counter()
+            try:
+                batch = await loop.run_in_executor(self._infer_pool, sv.device_pre.logits, sv.classifier,
+                                                   [planned[i] for i in idx])
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                for i in idx:
+                    results[i] = exc
+                continue
+            self.metrics.batch(sv.model, str(sv.version), len(idx), batch.inference_s,
+                               [max(0.0, t0 - enqueued[i]) for i in idx])
+            self.metrics.device_batch(sv.model, str(sv.version), batch)
+            for row, i in zip(batch.logits, idx):
+                results[i] = row
+        return results
+

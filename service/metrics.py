@@ -29,6 +29,19 @@ labels ``Component``, ``NodeAddress``, ``SessionName``, ``Version``, ``WorkerId`
     ray_steady_model_info{model,version,stage,policy,resolution,sha256}   1 while served, 0 after unloading
     ray_steady_robustness_<key>{model,version,policy}             one gauge per key of robustness.json ``summary``
     ray_steady_robustness_scored{model,version,policy}            1 when the served version has a bound robustness.json, else 0
+    ray_steady_device_preprocess_seconds_bucket/_sum/_count{model,version}   GPU path: one DALI run (decode + resample +
+                                                                  normalise of a batch on the device); the host's share
+                                                                  (header, box) is in steady_preprocess_seconds
+    ray_steady_device_host_images_total{model,version,reason}     GPU path: images preprocessed on the host instead
+                                                                  (reason: routed = a format the device does not take,
+                                                                  fallback = redone after a device batch failed)
+    ray_steady_gpu_memory_used_bytes{gpu} / _total_bytes{gpu}     NVML, every 2 s, the replica's GPUs (index as CUDA sees it)
+    ray_steady_gpu_process_memory_bytes{gpu}                      NVML: this replica's own GPU memory (ORT + DALI)
+    ray_steady_gpu_utilization_ratio{gpu}                         NVML: busy fraction of the last sample period
+
+GPU readings need ``nvidia-ml-py`` (the ``gpu`` extra; :func:`service.core.devices.gpu_readings`). Ray's own
+node metrics on the same endpoint also cover the GPUs (``ray_node_gpus_utilization``, ``ray_node_gram_used``,
+read by Ray's agent through its bundled NVML bindings), per node rather than per replica.
 
 A counter series appears with its first increment (Ray refuses ``inc(0)``): until a version
 has flipped once, ``ray_steady_live_flips_total`` has no series for it, so dashboards and alerts
@@ -100,6 +113,8 @@ _COUNTERS = {
                                 ("model", "version", "used")),
     "steady_ensemble_extra_inferences": ("Inferences beyond one per answer spent on shift-ensemble copies",
                                          ("model", "version")),
+    "steady_device_host_images": ("GPU path: images preprocessed on the host (routed formats, failed device batches)",
+                                  ("model", "version", "reason")),
 }
 _HISTOGRAMS = {
     "steady_request_latency_seconds": ("Request latency inside the replica", ("model", "version", "stage"), LATENCY_BUCKETS),
@@ -109,12 +124,18 @@ _HISTOGRAMS = {
     "steady_queue_seconds": ("Time waiting in the batch queue", ("model", "version"), LATENCY_BUCKETS),
     "steady_explain_latency_seconds": ("Explain request latency inside the replica", ("model", "version"),
                                        EXPLAIN_BUCKETS),
+    "steady_device_preprocess_seconds": ("GPU path: one DALI run (decode, resample, normalise a batch on the device)",
+                                         ("model", "version"), LATENCY_BUCKETS),
 }
 _GAUGES = {
     "steady_model_info": ("1 while a model version is served (labels say its stage and preprocessing)",
                           ("model", "version", "stage", "policy", "resolution", "sha256")),
     "steady_robustness_scored": ("1 when the served version has a robustness.json bound to its sha256",
                                  ("model", "version", "policy")),
+    "steady_gpu_memory_used_bytes": ("GPU memory in use on the device (NVML)", ("gpu",)),
+    "steady_gpu_memory_total_bytes": ("GPU memory of the device (NVML)", ("gpu",)),
+    "steady_gpu_process_memory_bytes": ("GPU memory used by this replica (NVML)", ("gpu",)),
+    "steady_gpu_utilization_ratio": ("GPU busy fraction over NVML's last sample period", ("gpu",)),
 }
 _ROBUSTNESS_TAGS = ("model", "version", "policy")
 
@@ -260,6 +281,22 @@ class Metrics:
         would swamp the classify latency histogram)."""
         self._backend.inc("steady_explain_requests", {"model": model, "version": version, "code": str(code)})
         self._backend.observe("steady_explain_latency_seconds", {"model": model, "version": version}, latency_s)
+    def device_batch(self, model: str, version: str, result: Any) -> None:
+        """A batch of the GPU path (a :class:`service.core.gpu_preprocess.BatchResult`)."""
+        tags = {"model": model, "version": version}
+        if result.device_images:
+            self._backend.observe("steady_device_preprocess_seconds", tags, result.preprocess_s)
+        for reason, n in (("routed", result.host_images), ("fallback", result.fallbacks)):
+            self._backend.inc("steady_device_host_images", {**tags, "reason": reason}, float(n))
+
+    def gpu(self, readings: Any) -> None:
+        """NVML readings of the replica's GPUs (:func:`service.core.devices.gpu_readings`)."""
+        for r in readings:
+            tags = {"gpu": str(r.index)}
+            self._backend.set("steady_gpu_memory_used_bytes", tags, float(r.memory_used))
+            self._backend.set("steady_gpu_memory_total_bytes", tags, float(r.memory_total))
+            self._backend.set("steady_gpu_process_memory_bytes", tags, float(r.process_memory))
+            self._backend.set("steady_gpu_utilization_ratio", tags, float(r.utilization))
 
     # ------------------------------------------------------------- reading (memory backend)
     def count(self, name: str, **tags: str) -> float:

@@ -145,6 +145,13 @@ def preflight(settings: Any) -> list[tuple[str, int]]:
         served.append((name, version))
     if not served:
         raise SteadyError(f"no models in {settings.repo}: export one first (steady export ...)")
+    if settings.preprocess_device in ("gpu", "dali-cpu") and not settings.ray_address:
+        from service.core.errors import DeviceUnavailable
+        from service.core.gpu_preprocess import dali_version
+
+        if dali_version() is None:  # fail here, not in every replica
+            raise DeviceUnavailable(f"preprocess_device {settings.preprocess_device} needs NVIDIA DALI: "
+                              "pip install 'steady[gpu]'")
     return served
 
 

@@ -81,6 +81,12 @@ class ServeSettings(BaseModel):
             robustness.json chose, ``chosen.ensemble``; none without one), ``off``, or a setting
             ``PRESET[@MARGIN]`` / ``x,y;x,y;...[@MARGIN]`` (:mod:`service.core.ensemble`) for every version.
         model_ensemble: per-model override of ``ensemble`` ({model: setting}).
+        preprocess_device: where images are decoded and resampled: ``cpu`` (Pillow), ``gpu`` (NVIDIA DALI on the
+            replica's GPU, tensor fed to ONNX Runtime on the device; needs ``provider`` cuda or auto and
+            ``replica_gpus``), ``dali-cpu`` (the GPU path's DALI pipeline on DALI's CPU backend: tests only)
+            or ``auto`` (gpu when ONNX Runtime runs on CUDA and DALI sees the GPU, else cpu; a card DALI cannot
+            reproduce, interpolation nearest, stays on the CPU).
+            See :mod:`service.core.devices`; a GPU config is ``deploy/steady-gpu.yaml``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -137,6 +143,7 @@ class ServeSettings(BaseModel):
         if not isinstance(value, Mapping):
             return value
         return {model: _ensemble_spec(spec) for model, spec in value.items()}
+    preprocess_device: Literal["auto", "cpu", "gpu", "dali-cpu"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
@@ -145,6 +152,11 @@ class ServeSettings(BaseModel):
                              f"({self.max_batch_size}) or batches never fill")
         if any(b < 1 for b in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes must be >= 1, got {self.warmup_batch_sizes}")
+        if self.preprocess_device == "gpu" and self.provider == "cpu":
+            raise ValueError("preprocess_device gpu needs provider cuda or auto: the tensor stays on the GPU "
+                             "for ONNX Runtime")
+        if self.preprocess_device == "gpu" and self.replica_gpus <= 0:
+            raise ValueError("preprocess_device gpu needs replica_gpus > 0, so Ray reserves a GPU for each replica")
         return self
 
     # ----------------------------------------------------------------- building

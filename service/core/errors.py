@@ -34,6 +34,7 @@ __all__ = [
     "ScoreError",
     "GateError",
     "PromotionRefused",
+    "DeviceUnavailable",
 ]
 
 
@@ -168,3 +169,10 @@ class PromotionRefused(SteadyError):
     """A promotion was refused (no passing gate for this exact sha256). Exit code 1."""
 
     exit_code = 1
+
+
+class DeviceUnavailable(SteadyError):
+    """The configured device cannot be used here: GPU preprocessing without NVIDIA DALI or without a CUDA
+    device, or a card DALI cannot reproduce. A configuration problem found at start-up. Exit code 2."""
+
+    exit_code = 2

@@ -153,6 +153,28 @@ class Classifier:
         (out,) = session.run([self.output_name], {self.input_name: batch})
         return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
 
+    def logits_bound(self, tensor: Any) -> np.ndarray:
+        """A (N, 3, H, W) float32 tensor where it lives (a CUDA device or the host) -> (N, num_classes) host logits.
+
+        The device path of :mod:`service.core.gpu_preprocess`: any DLPack producer (a DALI output) is
+        wrapped by ``OrtValue.from_dlpack`` and bound with IO binding, so ONNX Runtime reads the input
+        in place (no host round trip); only the logits are copied to the host. The caller keeps
+        ``tensor`` alive until this returns.
+        """
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        shape = _bind_input(ort, binding, self.input_name, tensor)
+        if len(shape) != 4 or shape[1] != 3:
+            raise InvalidInput(f"input must have shape (N, 3, H, W), got {shape}")
+        if shape[0] == 0:
+            return np.zeros((0, self.card.num_classes), dtype=np.float32)
+        binding.bind_output(self.output_name, "cpu")
+        self.session.run_with_iobinding(binding)
+        (out,) = binding.copy_outputs_to_cpu()
+        return np.asarray(out, dtype=np.float32).reshape(shape[0], -1)
+
+
     def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[Prediction]]:
         """Softmax scores of the k best classes per row."""
         if k < 1:
@@ -165,3 +187,30 @@ class Classifier:
             [Prediction(int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(p[int(i)])) for i in row]
             for row, p in zip(idx, probs)
         ]
+
+
+def _bind_input(ort: Any, binding: Any, name: str, tensor: Any, use_dlpack: bool = True) -> list[int]:
+    """Bind ``tensor`` as input ``name`` without copying it; returns its shape.
+
+    ``OrtValue.from_dlpack`` where ONNX Runtime has it; otherwise the raw pointer from the array
+    interface (``__cuda_array_interface__`` on a GPU, ``__array_interface__`` on the host).
+    """
+    if use_dlpack and hasattr(ort.OrtValue, "from_dlpack") and hasattr(tensor, "__dlpack__"):
+        value = ort.OrtValue.from_dlpack(tensor)
+        if value.data_type() != "tensor(float)":
+            raise InvalidInput(f"input must be float32, got {value.data_type()}")
+        binding.bind_ortvalue_input(name, value)
+        return [int(d) for d in value.shape()]
+    iface = getattr(tensor, "__cuda_array_interface__", None)
+    device = "cuda"
+    if iface is None:
+        iface, device = getattr(tensor, "__array_interface__", None), "cpu"
+    if iface is None:
+        raise InvalidInput(f"cannot bind a {type(tensor).__name__}: it offers neither DLPack nor an array interface")
+    if np.dtype(iface["typestr"]) != np.float32:
+        raise InvalidInput(f"input must be float32, got {np.dtype(iface['typestr'])}")
+    if iface.get("strides") is not None:
+        raise InvalidInput("input must be a dense (C-contiguous) tensor")
+    shape = [int(d) for d in iface["shape"]]
+    binding.bind_input(name, device, 0, np.float32, shape, int(iface["data"][0]))
+    return shape

@@ -163,3 +163,52 @@ def test_shared_views_and_renderer_give_the_unoptimised_records(tiny_repo: Model
     assert len(fast) == 8 and fast == plain
     assert any(r["remedies"]["center+knight5@0.5"]["used"][0] > 0 for r in fast)  # the second stage ran
     assert t_fast["evaluations"] < 0.75 * t_plain["evaluations"]
+
+def _photo_folder(tmp_path: Path) -> Path:
+    from skimage import data as skdata
+
+    from tests.conftest import encode
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, arr in (("coffee", skdata.coffee()), ("chelsea", skdata.chelsea()), ("rocket", skdata.rocket())):
+        (folder / f"{name}.jpg").write_bytes(encode(arr, "JPEG", quality=90))
+    (folder / "flat.png").write_bytes(encode(np.full((60, 80, 3), 90, np.uint8), "PNG"))  # routed to Pillow
+    return folder
+
+
+def test_every_protocol_view_through_dali_matches_pillow(tmp_path: Path) -> None:
+    """The scorer's views (shifts, zooms, embed canvases, the resolution sweep; both policies) rendered by the GPU
+    path's DALI pipeline (CPU backend) equal Pillow's within the contract's tolerance."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -e '.[test]' brings it")
+    from robustness.protocols import plan_image
+    from robustness.scorer import _batches
+    from service.core.gpu_preprocess import DaliPreprocessor
+    from service.core.preprocess import Preprocessor
+    from tests.conftest import tiny_card
+
+    card = tiny_card(train_resolution=64, interpolation="bicubic")
+    dali = DaliPreprocessor(card, device="cpu", max_batch=32)
+    pillow = Preprocessor(card, reduced_decode=False)
+    config = ProtocolConfig(translate_frames=3, zoom_start=0.9, zoom_stop=1.1)
+    views = 0
+    for path in sorted(_photo_folder(tmp_path).iterdir()):
+        img = dali.decode(path.read_bytes())
+        np.testing.assert_array_equal(np.asarray(img), np.asarray(pillow.decode(path.read_bytes())))
+        plans = [plan_image(img, card, config, 0, np.random.default_rng([0, 0]))]
+        for (entries, ours), (_, theirs) in zip(_batches(plans, card, 32, dali.render), _batches(plans, card, 32)):
+            assert np.abs(ours - theirs).max() * 128 <= 3.0, path.name
+            views += len(entries)
+    assert views > 4 * 60
+
+
+def test_score_runs_on_the_gpu_paths_pipeline(tiny_repo: ModelRepository, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -e '.[test]' brings it")
+    folder = _photo_folder(tmp_path)
+    cpu = _score(capsys, tiny_repo, folder)
+    dali = _score(capsys, tiny_repo, folder, "--preprocess-device", "dali-cpu")
+    validate(dali)
+    assert (cpu["preprocess"]["device"], dali["preprocess"]["device"]) == ("cpu", "dali-cpu")
+    assert dali["summary"].keys() == cpu["summary"].keys()
+    assert dali["timing"]["evaluations"] == cpu["timing"]["evaluations"]  # the same views, rendered elsewhere

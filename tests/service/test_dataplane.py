@@ -259,3 +259,66 @@ def test_core_modules_do_not_import_ray_or_torch() -> None:
         text = (src / module).read_text()
         assert "import ray" not in text.replace("from ray.util import metrics as rm", ""), module
         assert "import torch" not in text and "from ray import" not in text, module
+
+
+def test_the_gpu_path_answers_like_the_cpu_path(tiny_repo: ModelRepository, photo: bytes) -> None:
+    """preprocess_device dali-cpu: the GPU path (header and box on the host, decode + resample + ONNX Runtime
+    by IO binding in the batch) on DALI's CPU backend, through the real catalog and data plane."""
+    import base64
+
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -e '.[test]' brings it")
+    from skimage import data as skdata
+
+    jpeg = encode(skdata.coffee(), "JPEG", quality=90)
+    gpu_path = _plane(tiny_repo, preprocess_device="dali-cpu", live_fraction=1.0)
+    cpu_path = _plane(tiny_repo)
+    served = gpu_path.lookup("tiny", None)
+    assert served.device_pre is not None and served.device_pre.device == "cpu"
+    assert cpu_path.lookup("tiny", None).device_pre is None
+
+    async def classify(plane: DataPlane, body: bytes) -> dict[str, Any]:
+        _, doc = await plane.classify("tiny", body, top_k=3)
+        await plane.drain()
+        return doc
+
+    from service.core.preprocess import Preprocessor
+
+    full_decode = Preprocessor(served.card, reduced_decode=False)  # the contract's reference (see gpu_preprocess)
+    for body in (jpeg, photo):
+        ours, theirs = asyncio.run(classify(gpu_path, body)), asyncio.run(classify(cpu_path, body))
+        (want,) = served.classifier.top_k(served.classifier.logits(full_decode(body)), 3)
+        assert [p["index"] for p in ours["predictions"]] == [p.index for p in want]
+        np.testing.assert_allclose([p["score"] for p in ours["predictions"]], [p.score for p in want], atol=1e-4)
+        np.testing.assert_allclose(ours["preprocess"]["box"], theirs["preprocess"]["box"], atol=0.01)
+    m = gpu_path.metrics
+    assert len(m.observations("steady_device_preprocess_seconds", model="tiny")) == 2
+    assert m.count("steady_live_checks", model="tiny") == 4  # shift and zoom per answer, rendered by DALI too
+    # formats the device does not take, and a corrupt JPEG, answer as on the CPU path
+    alpha = np.zeros((40, 50, 4), np.uint8)
+    alpha[10:30, 10:40] = (250, 10, 10, 255)
+    png = encode(alpha, "PNG")
+    # Pillow on both paths
+    assert asyncio.run(classify(gpu_path, png))["predictions"] == asyncio.run(classify(cpu_path, png))["predictions"]
+    assert m.count("steady_device_host_images", model="tiny", reason="routed") == 1
+    with pytest.raises(UnsupportedImage, match="truncated"):
+        asyncio.run(gpu_path.classify("tiny", jpeg[: len(jpeg) // 2]))
+    assert m.count("steady_device_host_images", model="tiny", reason="fallback") == 1
+    with pytest.raises(UnsupportedImage):
+        asyncio.run(gpu_path.classify("tiny", b"not an image"))
+    # KServe V2 BYTES images take the same path
+    req = _v2([{"name": "image", "shape": [2], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(jpeg).decode(), base64.b64encode(png).decode()]}])
+    _, outputs, _ = asyncio.run(gpu_path.infer_v2("tiny", None, req))
+    expected = served.classifier.logits(np.concatenate([full_decode(jpeg), Preprocessor(served.card)(png)]))
+    np.testing.assert_allclose(outputs[0].array, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gpu_path_refuses_a_card_it_cannot_reproduce(tmp_path: Path, tiny_onnx: bytes) -> None:
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -e '.[test]' brings it")
+    from service.core.errors import SteadyError
+
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("nearest", tiny_onnx, tiny_card("nearest", interpolation="nearest"))
+    with pytest.raises(SteadyError, match="nearest.*no DALI filter"):
+        _plane(repo, preprocess_device="dali-cpu")
+    assert _plane(repo).lookup("nearest", None).device_pre is None  # auto / cpu: the CPU path serves it

@@ -84,3 +84,21 @@ def test_hot_path_knobs() -> None:
     assert quiet.inline_decode_bytes == 4096
     with pytest.raises(InvalidInput, match="inline_decode_bytes"):
         ServeSettings.build("/m", environ={}, overrides={"inline_decode_bytes": -1})
+def test_preprocess_device_is_validated() -> None:
+    assert ServeSettings.build("/m", environ={}).preprocess_device == "auto"
+    assert ServeSettings.build("/m", environ={"STEADY_PREPROCESS_DEVICE": "dali-cpu"}).preprocess_device == "dali-cpu"
+    gpu = ServeSettings.build("/m", overrides={"preprocess_device": "gpu", "replica_gpus": 1, "provider": "cuda"}, environ={})
+    assert gpu.deployment_options()["ray_actor_options"]["num_gpus"] == 1
+    with pytest.raises(InvalidInput, match="preprocess_device.*'tpu'"):
+        ServeSettings.build("/m", overrides={"preprocess_device": "tpu"}, environ={})
+    with pytest.raises(InvalidInput, match="preprocess_device gpu needs replica_gpus"):
+        ServeSettings.build("/m", overrides={"preprocess_device": "gpu"}, environ={})
+    with pytest.raises(InvalidInput, match="preprocess_device gpu needs provider cuda or auto"):
+        ServeSettings.build("/m", overrides={"preprocess_device": "gpu", "replica_gpus": 1, "provider": "cpu"}, environ={})
+
+
+def test_the_gpu_config_parses() -> None:
+    root = Path(__file__).resolve().parents[2]
+    s = ServeSettings.build("/m", config=root / "deploy" / "steady-gpu.yaml", environ={})
+    assert (s.provider, s.preprocess_device, s.replica_gpus) == ("cuda", "gpu", 1.0)
+    assert 64 <= s.max_batch_size <= 128 and s.max_ongoing_requests >= s.max_batch_size
