@@ -21,13 +21,14 @@ __all__ = ["score_version"]
 
 def score_version(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,
                          seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
-                         progress: bool = False, batch_size: int = 32) -> tuple[dict[str, Any], Dataset]:
+                         progress: bool = False, batch_size: int = 32,
+                         ray_timeout_s: float = 60.0) -> tuple[dict[str, Any], Dataset]:
     """Score a stored version and return the robustness.json document (and the dataset)."""
 
     loaded = repo.load(model, version)
     card = loaded.card
     dataset = load_dataset(data, labels, max_images)
-    options = ScoreOptions(batch_size=batch_size)
+    options = ScoreOptions(batch_size=batch_size, ray_timeout_s=ray_timeout_s)
     with iter_progress(len(dataset.items), progress) as bar:
         if workers > 0 or ray_address:
             records, timing = run_ray(loaded.onnx_bytes, card, dataset, config, seed, options, max(workers, 1),

@@ -32,6 +32,7 @@ __all__ = [
     "ExportError",
     "ParityError",
     "ScoreError",
+    "ClusterUnavailable",
     "GateError",
     "PromotionRefused",
 ]
@@ -156,6 +157,13 @@ class ScoreError(SteadyError):
     """Robustness scoring could not run (no images, bad protocol name...)."""
 
     exit_code = 2
+
+
+class ClusterUnavailable(SteadyError):
+    """A Ray cluster cannot run the work: no CPU frees up in time (Serve replicas or other jobs hold them).
+    HTTP 503, exit code 1."""
+
+    status = 503
 
 
 class GateError(SteadyError):
