@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.core.errors import InvalidInput
 
@@ -109,6 +109,13 @@ class ServeSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
 
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            _check_autoscaling(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
         if self.max_ongoing_requests < self.max_batch_size:
@@ -180,6 +187,23 @@ class ServeSettings(BaseModel):
         else:
             options["num_replicas"] = self.num_replicas
         return options
+
+
+def _check_autoscaling(config: Mapping[str, Any]) -> None:
+    """``autoscaling`` through Ray Serve's own ``AutoscalingConfig``; also refuses unknown keys, which Ray
+    silently ignores (a misspelt ``max_replica`` would leave the deployment at one replica)."""
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = sorted(set(config) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; known: {sorted(AutoscalingConfig.model_fields)}")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", lambda: [])()
+        first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"{where + ': ' if where else ''}{str(first['msg']).removeprefix('Value error, ')}") from None
 
 
 def _one_line(exc: ValidationError, data: Mapping[str, Any], environment: Mapping[str, str]) -> str:
