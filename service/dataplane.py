@@ -67,6 +67,8 @@ class DataPlane:
         self.catalog = Catalog({})
         self.ready = False
         self.inflight = 0
+        self.active = 0  # inference requests inside the routes (admitted or not yet); drained on SIGTERM
+        self.draining = False
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self.after_reload = after_reload
@@ -307,3 +309,26 @@ class DataPlane:
             binary.append(bool(as_binary))
         return outputs, binary
 
+    # ------------------------------------------------------------------ drain (SIGTERM, service.drain)
+    def enter(self) -> None:
+        """An inference request arrives: 503 + Retry-After once draining, else counted until :meth:`leave`."""
+        if self.draining:
+            raise Overloaded("shutting down: retry, another instance will answer")
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+
+    def begin_drain(self) -> None:
+        """Readiness and admission turn to 503; requests already inside keep going."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> int:
+        """Wait (at most ``timeout`` s) until no request is inside, then for side tasks; returns those left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=max(0.0, deadline - loop.time()))
+        return self.active

@@ -98,7 +98,10 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
             request.state.labels = labels
             request.state.admitted = False
             code = 500
+            entered = False
             try:
+                plane.enter()  # 503 once draining (SIGTERM)
+                entered = True
                 response = await handler(request)
                 code = response.status_code
                 return response
@@ -110,6 +113,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
                 code = 500
                 raise SteadyError(f"internal error: {type(exc).__name__}") from exc
             finally:
+                if entered:
+                    plane.leave()
                 if request.state.admitted:
                     plane.release()
                 metrics.request(model, labels["version"], labels["stage"], code, time.perf_counter() - start)
@@ -175,6 +180,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         return _json({"live": True})
 
     async def ready(request: Request) -> Response:
+        if plane.draining:
+            return _json({"ready": False, "error": "shutting down"}, status=503)
         if not plane.ready:
             return _json({"ready": False, "error": "models are still loading"}, status=503)
         return _json({"ready": True})
@@ -190,7 +197,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
 
     async def v2_model_ready(request: Request) -> Response:
         _served(request)
-        if not plane.ready:
+        if not plane.ready or plane.draining:
             return _json({"ready": False}, status=503)
         return _json({"name": request.path_params["model"], "ready": True})
 

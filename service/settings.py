@@ -29,6 +29,9 @@ CANDIDATE_MODES = ("off", "canary", "shadow")
 PROXIES = ("haproxy", "default")
 CandidateMode = Literal["off", "canary", "shadow"]
 _SECRETS = frozenset({"admin_token"})  # never echoed in error messages
+RUN_DIR_MAX_CHARS = 32  # <run_dir>/hap/<56-hex node id>/admin.sock must fit a unix socket path (107 bytes)
+_PORT_FIELDS = ("port", "metrics_port", "haproxy_stats_port", "haproxy_metrics_port", "fallback_http_port",
+                "fallback_grpc_port")
 
 
 class ServeSettings(BaseModel):
@@ -69,6 +72,18 @@ class ServeSettings(BaseModel):
         admin_token: bearer token of ``/v1/admin/*``; admin endpoints are off without one.
         retry_after_s: Retry-After of 503 answers.
         seed: seed of the traffic sampler (None: random).
+        run_dir: where ``steady serve`` keeps its lock, the record of the processes and ports it started,
+            Ray's temp files and HAProxy's files; a restart cleans up what the previous run of the same
+            directory left behind (default ``/tmp/steady-<uid>-<port>``; at most 32 characters: Ray and
+            HAProxy put unix sockets under it).
+        metrics_host: the address of the metrics port (default: ``host``); set it wider than ``host``
+            only when a scraper on another machine needs it.
+        haproxy_stats_port, haproxy_metrics_port: HAProxy's stats page and Prometheus exporter (bound to
+            127.0.0.1; default: free ports chosen at start and recorded in the run directory).
+        fallback_http_port, fallback_grpc_port: Ray Serve's fallback proxy behind HAProxy (127.0.0.1;
+            default: free ports chosen at start).
+        drain_timeout_s: on SIGTERM, the most seconds until ``steady serve`` has exited: readiness and
+            admission turn to 503 first, requests in flight finish, then Serve and Ray stop.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,6 +123,13 @@ class ServeSettings(BaseModel):
     admin_token: str | None = Field(None, repr=False, min_length=8)
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
+    run_dir: str | None = None
+    metrics_host: str | None = None
+    haproxy_stats_port: int | None = Field(None, ge=1, le=65535)
+    haproxy_metrics_port: int | None = Field(None, ge=1, le=65535)
+    fallback_http_port: int | None = Field(None, ge=1, le=65535)
+    fallback_grpc_port: int | None = Field(None, ge=1, le=65535)
+    drain_timeout_s: float = Field(15.0, ge=2, le=3600)
 
     @field_validator("autoscaling")
     @classmethod
@@ -123,6 +145,14 @@ class ServeSettings(BaseModel):
                              f"({self.max_batch_size}) or batches never fill")
         if any(b < 1 for b in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes must be >= 1, got {self.warmup_batch_sizes}")
+        if self.run_dir is not None and (not self.run_dir.startswith("/") or len(self.run_dir) > RUN_DIR_MAX_CHARS):
+            raise ValueError(f"run_dir must be an absolute path of at most {RUN_DIR_MAX_CHARS} characters (Ray and "
+                             f"HAProxy put unix sockets under it, 107 bytes at most), got {self.run_dir!r}")
+        ports = {name: getattr(self, name) for name in _PORT_FIELDS if getattr(self, name) is not None}
+        for name, port in ports.items():
+            clash = [other for other, p in ports.items() if p == port and other != name]
+            if clash:
+                raise ValueError(f"{name} and {clash[0]} are both {port}: every port must differ")
         return self
 
     # ----------------------------------------------------------------- building

@@ -35,6 +35,9 @@ __all__ = [
     "ClusterUnavailable",
     "GateError",
     "PromotionRefused",
+    "PortInUse",
+    "RunDirBusy",
+    "DecodeBudgetExceeded",
 ]
 
 
@@ -176,3 +179,21 @@ class PromotionRefused(SteadyError):
     """A promotion was refused (no passing gate for this exact sha256). Exit code 1."""
 
     exit_code = 1
+
+
+class PortInUse(SteadyError):
+    """A port ``steady serve`` must bind is held by another process; the message names the port, the
+    setting that chose it and the holder. Exit code 1."""
+
+
+class RunDirBusy(SteadyError):
+    """Another live ``steady serve`` holds the run directory (same ``run_dir``, by default the same port),
+    or the directory is unsafe to use. Exit code 1."""
+
+
+class DecodeBudgetExceeded(SteadyError):
+    """Decoding the image needs more CPU time than ``decode_budget_s`` (or more progressive JPEG scans than
+    allowed): a smaller or baseline-encoded image must be sent. HTTP 413."""
+
+    status = 413
+    exit_code = 2
