@@ -236,11 +236,13 @@ def _soft_stop_haproxy(run_dir: str) -> int:
     return len(procs)
 
 
-def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str | None) -> DrainReport:
+def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str | None,
+                  stop_serve: bool = False) -> DrainReport:
     """Drain, then stop (see the module docstring) before ``deadline`` (``time.monotonic()``).
 
     ``run_dir`` set: this driver started Ray (local mode); None: it joined a cluster and only removes its
-    application.
+    application, and with ``stop_serve`` (it started Serve there) also Serve itself (controller, proxies,
+    HAProxy) when no other application is left: the cluster is left as it was found.
     """
     import ray
 
@@ -271,9 +273,31 @@ def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str 
         if not _run_bounded(lambda: _delete_app(settings.app_name, deadline - 1.5), deadline - time.monotonic() - 1.0):
             report.clean = False
             report.notes.append(f"application {settings.app_name!r} still being deleted by the cluster")
+        elif stop_serve and not _run_bounded(_shutdown_idle_serve, deadline - time.monotonic() - 1.0):
+            report.notes.append("Serve (started by this steady serve) still shutting down on the cluster")
         _run_bounded(ray.shutdown, deadline - time.monotonic() - 0.2)
     report.stop_s = time.monotonic() - t1
     return report
+
+
+def serve_running() -> bool:
+    """Whether Ray Serve's controller runs on the connected cluster."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _shutdown_idle_serve() -> None:
+    """``serve.shutdown()`` unless another application still runs (then Serve is someone else's too)."""
+    from ray import serve
+
+    if not serve.status().applications:
+        serve.shutdown()
 
 
 def _delete_app(app_name: str, until: float) -> None:

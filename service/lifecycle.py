@@ -42,6 +42,7 @@ class ServeRun:
     control: Any = None
     forwarder: MetricsForwarder | None = None
     recorded_at: float = 0.0
+    started_serve: bool = False  # joined a cluster on which Serve was not running: stop it again when leaving
 
     @property
     def local(self) -> bool:
@@ -81,6 +82,10 @@ class ServeRun:
             self.forwarder = MetricsForwarder(self.binds.metrics_host, self.binds.metrics_port,
                                               self.binds.ray_metrics_port).start()
         self.control = create_drain_control(s.app_name)
+        if not self.local:
+            from service.drain import serve_running
+
+            self.started_serve = not serve_running()
         ready_s = run_service(s, http_host=serve_http_host(s, self.local))
         self.record()
         return ready_s
@@ -108,7 +113,8 @@ class ServeRun:
         run_dir = str(self.run.path) if self.local else None
         watchdog = Watchdog(deadline, run_dir)
         try:
-            report = graceful_stop(self.settings, self.control, deadline, run_dir=run_dir)
+            report = graceful_stop(self.settings, self.control, deadline, run_dir=run_dir,
+                                   stop_serve=self.started_serve)
         finally:
             if self.forwarder is not None:
                 self.forwarder.close()
