@@ -127,11 +127,11 @@ metrics_ports() {
 }
 
 launch() {  # $1 = N (0 = head); starts the node in its own session, waits until Ray says it runs
-  local n=$1 name log pid tries
+  local n=$1 name log pid tries left
   if [ "$n" = 0 ]; then name=head; else name=w$n; fi
   log="$DIR/$name.log"
   alive "$DIR/$name.pid" && die "$name already runs (pid $(cat "$DIR/$name.pid"))"
-  for tries in 1 2; do
+  for tries in 1 2 3 4; do
     # its own session: the node outlives this script and a Ctrl-C in the terminal
     setsid "$0" _run "$n" > "$log" 2>&1 < /dev/null &
     pid=$!
@@ -141,9 +141,13 @@ launch() {  # $1 = N (0 = head); starts the node in its own session, waits until
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.5
     done
-    # a loaded machine sometimes misses Ray's node start-up deadline: try once more
+    # a loaded machine sometimes misses one of Ray's start-up deadlines (the raylet waits a fixed time for
+    # its dashboard agent, `ray start` 30 s for the raylet): clear what this try left and try again
+    echo "local.sh: $name did not start (try $tries):" >&2; grep -E "Exception|Error|Timed out" "$log" | tail -2 >&2
     stop_pids "$pid"
-    echo "local.sh: $name did not start (try $tries):" >&2; tail -5 "$log" >&2
+    left=$(marked "STEADY_CLUSTER_NODE=$DIR#$n")
+    # shellcheck disable=SC2086
+    [ -z "$left" ] || kill -KILL $left 2>/dev/null || true
   done
   die "$name did not start; see $log"
 }

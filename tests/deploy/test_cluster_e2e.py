@@ -240,8 +240,12 @@ def test_autoscaling_grows_under_load_and_shrinks_when_idle(deployed: LocalClust
                                                             photos: list[bytes]) -> None:
     cluster = deployed
     # every node's metrics agent is scraped (Ray's list also names the autoscaler and dashboard exporters)
-    up = {s["metric"]["instance"]: s["value"][1] for s in prometheus.query('up{job="ray-cluster"}')}
-    assert set(cluster.metrics_targets) <= set(up) and all(up[t] == "1" for t in cluster.metrics_targets), up
+    def every_node_scraped() -> bool:
+        up = {s["metric"]["instance"]: s["value"][1] for s in prometheus.query('up{job="ray-cluster"}')}
+        return all(up.get(t) == "1" for t in cluster.metrics_targets)
+
+    cluster.wait(every_node_scraped, 90, f"Prometheus to scrape every node's agent {cluster.metrics_targets} "
+                 f"(Ray's list: {cluster.service_discovery_file.read_text()})")
     cluster.wait(lambda: len(cluster.replicas(state=None)) == 1, 120, "the minimum of one replica")
     seen: dict[str, list[float]] = {"running": [], "panel": []}
     with Load(f"{cluster.base}/v1/models/tiny:classify", photos, clients=8) as load:
@@ -330,7 +334,7 @@ def test_node_lost_and_returned_under_concurrent_load(spread: LocalCluster, phot
                                                       expected: dict[bytes, tuple[int, ...]]) -> None:
     cluster = spread
     (lost,) = [r for r in cluster.replicas() if cluster.node_of(r["pid"]) == 2]
-    with Load(f"{cluster.base}/v1/models/tiny:classify?top_k=5", photos, clients=4, pause_s=0.02) as load:
+    with Load(f"{cluster.base}/v1/models/tiny:classify?top_k=5", photos, clients=4, pause_s=0.05) as load:
         time.sleep(4)
         killed, gone = cluster.kill(2)
         # the lost replica cannot be replaced: every other node's CPUs are held
@@ -377,6 +381,9 @@ def test_cluster_joined_steady_serve_stops_on_sigterm(cluster: LocalCluster, rep
     server = ServeProcess.start(settings, tmp_path / "serve.log", env=cluster.client_env())
     try:
         server.wait_ready(180)
+        # the ingress answers before `serve.run` returns (it still waits for every node's proxy): signal a
+        # steady serve that has finished starting
+        cluster.wait(lambda: "steady: serving" in server.tail(20000), 120, "steady serve to finish starting")
         dep = cluster.deployment()
         assert dep is not None and dep["deployment_config"]["autoscaling_config"]["max_replicas"] == 2
         _rest_check(cluster, photos[:2], expected)

@@ -73,3 +73,27 @@ def test_shipped_configs_parse() -> None:
     assert app["import_path"] == "service.app:build_app"
     args = dict(app["args"])
     ServeSettings.build(args.pop("repo"), overrides=args, environ={})
+
+
+def test_autoscaling_is_checked_like_ray_serve_but_refuses_unknown_keys(tmp_path: Path) -> None:
+    ok = ServeSettings.build("/m", overrides={"autoscaling": {"min_replicas": 1, "max_replicas": 3,
+                                                              "target_ongoing_requests": 4}}, environ={})
+    assert ok.deployment_options()["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3,
+                                                             "target_ongoing_requests": 4}
+    # Ray Serve's own AutoscalingConfig accepts a misspelt key and ignores it; Steady refuses it
+    with pytest.raises(InvalidInput, match=r"autoscaling: unknown keys \['max_replica'\]"):
+        ServeSettings.build("/m", overrides={"autoscaling": {"max_replica": 3}}, environ={})
+    with pytest.raises(InvalidInput, match=r"autoscaling: max_replicas \(1\) must be greater than or equal to "
+                                           r"min_replicas \(2\)"):
+        ServeSettings.build("/m", overrides={"autoscaling": {"min_replicas": 2, "max_replicas": 1}}, environ={})
+    with pytest.raises(InvalidInput, match="autoscaling: target_ongoing_requests: Input should be greater than 0"):
+        ServeSettings.build("/m", overrides={"autoscaling": {"target_ongoing_requests": 0}}, environ={})
+    # the same setting from steady serve's environment and config file
+    env = ServeSettings.build("/m", environ={"STEADY_AUTOSCALING": "{min_replicas: 1, max_replicas: 2}"})
+    assert env.deployment_options()["autoscaling_config"]["max_replicas"] == 2
+    with pytest.raises(InvalidInput, match="environment STEADY_AUTOSCALING="):
+        ServeSettings.build("/m", environ={"STEADY_AUTOSCALING": "{upscale_delay_s: soon}"})
+    config = tmp_path / "s.yaml"
+    config.write_text("autoscaling:\n  min_replicas: 1\n  max_replicas: 4\n  upscale_delay_s: 5\n")
+    assert ServeSettings.build("/m", config=config, environ={}).autoscaling == {
+        "min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 5}
