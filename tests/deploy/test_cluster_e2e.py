@@ -282,6 +282,8 @@ def spread(deployed: LocalCluster, repo: ModelRepository, tmp_path_factory: pyte
 def test_three_replicas_one_per_node(spread: LocalCluster, photos: list[bytes],
                                      expected: dict[bytes, tuple[int, ...]]) -> None:
     assert spread.replica_nodes() == [0, 1, 2]
+    # with replicas, proxies and HAProxy on every node, still nothing listens beyond loopback
+    assert not _listening_beyond_loopback(list(spread.process_nodes()))
     _rest_check(spread, photos, expected)
     _v2_check(spread, photos, expected)
 
