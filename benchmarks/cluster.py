@@ -452,9 +452,10 @@ def measure_node_loss(repo: str, model: str, data: str, workdir: Path, clients: 
         url = f"{cluster.base}/v1/models/{model}:classify"
         with Load(url, _photos(data), clients=clients) as load:
             time.sleep(10)
-            killed, _ = cluster.kill(2)
+            killed, gone = cluster.kill(2)
             log("worker 2 killed")
-            time.sleep(30)
+            dropped = cluster.wait(lambda: len(cluster.replicas()) == 2, 120, "Serve to drop the lost replica")
+            time.sleep(max(0.0, 30 - (time.time() - killed)))
             back = time.time()
             cluster.start_worker(2)
             joined = time.time()
@@ -462,14 +463,17 @@ def measure_node_loss(repo: str, model: str, data: str, workdir: Path, clients: 
             time.sleep(5)
         outcomes = load.outcomes
         failed = [o for o in outcomes if o.status != 200]
-        after = [o for o in outcomes if o.start > killed]
-        last_failure = max((o.end for o in failed), default=killed)
+        answered = sorted(o.end for o in outcomes if o.status == 200 and o.start > killed)
         return {
             "clients": clients, "requests": len(outcomes), "failed": len(failed),
             "failures": [{"start_after_kill_s": round(o.start - killed, 3), "end_after_kill_s": round(o.end - killed, 3),
                           "status": o.status, "body": o.body[:80]} for o in failed],
-            "answered_after_kill": sum(1 for o in after if o.status == 200),
-            "error_free_after_kill_s": round(last_failure - killed, 2),
+            "failed_after_node_gone": sum(1 for o in failed if o.start >= gone),
+            "node_processes_gone_s": round(gone - killed, 3),
+            "first_answer_after_kill_s": round(answered[0] - killed, 3) if answered else None,
+            "last_failure_after_kill_s": round(max((o.end for o in failed), default=killed) - killed, 3),
+            "serve_dropped_replica_s": round(dropped + (gone - killed), 1),
+            "answered_while_down": sum(1 for o in outcomes if o.status == 200 and killed < o.start < back),
             "node_start_s": round(joined - back, 1),
             "replicas_restored_after_node_start_s": round(restored, 1),
         }

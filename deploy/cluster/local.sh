@@ -93,8 +93,11 @@ node_env() {  # node $1 (0 = head): its own ports, and the marker `down` and `ki
     RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=$FBH RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=$FBG
 }
 
+# Both run `ray start` through ray_loopback.py, which keeps the address 127.0.0.1 (Ray rewrites it to the
+# machine's address) and hands the raylet its agent's port (it would wait 15 s at most for it, too short
+# when several nodes share two busy cores). On real machines: plain `ray start` with the node's address.
 start_head() {
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 exec ray start --head --block --node-ip-address=127.0.0.1 --port="$GCS" \
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 exec "$PY" "$HERE/ray_loopback.py" start --head --block --node-ip-address=127.0.0.1 --port="$GCS" \
     --num-cpus="${NODE_CPUS:-2}" --temp-dir="$DIR/ray" --disable-usage-stats --object-store-memory=100000000 \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --ray-client-server-port="$CLIENT" \
     --node-manager-port="$NM" --object-manager-port="$OM" --metrics-export-port="$MET" \
@@ -102,7 +105,7 @@ start_head() {
     --min-worker-port="$WMIN" --max-worker-port="$WMAX"
 }
 
-start_worker() {  # on one machine: `ray start` through ray_loopback.py, which keeps the address 127.0.0.1
+start_worker() {
   exec "$PY" "$HERE/ray_loopback.py" start --block --address="127.0.0.1:$GCS" --node-ip-address=127.0.0.1 \
     --num-cpus="${NODE_CPUS:-2}" --disable-usage-stats --object-store-memory=100000000 \
     --node-manager-port="$NM" --object-manager-port="$OM" --metrics-export-port="$MET" \
