@@ -301,8 +301,14 @@ class LocalCluster:
 
     def serve_shutdown(self, timeout: float = 120.0) -> None:
         """``serve shutdown -y``: every application and Serve itself (controller, proxies, HAProxy) go; Ray stays."""
-        self.serve_cli("shutdown", "-y")
-        self.wait(lambda: not self.haproxies() and not self.applications(), timeout, "Serve to shut down")
+        self.serve_cli("shutdown", "-y")  # asynchronous: it returns while the controller still stops
+        self.wait(lambda: not self.haproxies() and not self.applications() and not self._serve_controller(), timeout,
+                  "Serve to shut down")
+
+    def _serve_controller(self) -> bool:
+        """Whether Serve's controller actor is alive (a new Serve cannot start before it is gone)."""
+        actors = self.api("/api/v0/actors?detail=1&limit=10000")["data"]["result"]["result"]
+        return any(a.get("name") == "SERVE_CONTROLLER_ACTOR" and a.get("state") != "DEAD" for a in actors)
 
     def haproxies(self) -> list[int]:
         """HAProxy processes of this cluster (their config lives under its hap/ folder)."""

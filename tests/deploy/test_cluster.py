@@ -20,7 +20,8 @@ def test_the_readme_shows_exactly_the_commands_the_script_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### 2. A Ray cluster"):readme.index("### 3. Kubernetes with KubeRay")]
     commands = _commands()
-    assert "ray start --head" in commands and "ray_loopback.py\" start" in commands and "RAY_AUTH_MODE=token" in commands
+    assert "ray_loopback.py\" start --head" in commands and "ray_loopback.py\" start --block --address" in commands
+    assert "RAY_AUTH_MODE=token" in commands
     assert commands in section, "README's cluster commands differ from deploy/cluster/local.sh: copy its block"
 
 
