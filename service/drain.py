@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -201,17 +202,21 @@ def _run_bounded(fn: Callable[[], Any], timeout: float) -> bool:
     return done.wait(max(0.0, timeout))
 
 
-def ray_alive(main: psutil.Process | None = None) -> bool:
-    """Whether this driver's own GCS and raylet still run (SIGTERM to the process group ends them at once)."""
+def ray_alive(main: psutil.Process | None = None, grace_s: float = 0.3) -> bool:
+    """Whether this driver's own GCS and raylet still run ``grace_s`` from now (a SIGTERM to the whole process
+    group reaches them together with the driver; they are gone within a few hundred milliseconds)."""
     main = main or psutil.Process()
-    names = set()
+    core = []
     for child in main.children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                names.add(child.name())
+            if child.name() in ("gcs_server", "raylet"):
+                core.append(child)
         except psutil.Error:
             continue
-    return {"gcs_server", "raylet"} <= names
+    if len(core) < 2:
+        return False
+    gone, alive = psutil.wait_procs(core, timeout=grace_s)
+    return not gone and all(p.status() != psutil.STATUS_ZOMBIE for p in alive)
 
 
 def drain_replicas(control: Any, timeout: float) -> dict[str, int]:
@@ -289,20 +294,24 @@ def _delete_app(app_name: str, until: float) -> None:
 
 
 class Watchdog:
-    """Ends the process at ``deadline`` whatever the stop is doing: kills the run directory's processes
-    (local mode), prints one line and exits with status 1."""
+    """Ends the process by ``deadline`` whatever the stop is doing: half a second before it, kills the run
+    directory's processes (local mode), prints one line and exits with status 1; at the deadline,
+    ``faulthandler`` (a C thread that needs no GIL, in case a call into Ray holds it) prints every thread's
+    stack and exits with status 1."""
 
     def __init__(self, deadline: float, run_dir: str | None) -> None:
         self.deadline = deadline
         self.run_dir = run_dir
         self._cancel = threading.Event()
+        faulthandler.dump_traceback_later(max(0.5, deadline - time.monotonic()), exit=True)
         threading.Thread(target=self._run, name="steady-watchdog", daemon=True).start()
 
     def cancel(self) -> None:
         self._cancel.set()
+        faulthandler.cancel_dump_traceback_later()
 
     def _run(self) -> None:
-        if self._cancel.wait(max(0.0, self.deadline - time.monotonic())):
+        if self._cancel.wait(max(0.0, self.deadline - 0.5 - time.monotonic())):
             return
         if self.run_dir is not None:
             main = psutil.Process()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -88,6 +89,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        report = run.stop(signalled[0] if signalled else None)
+        report = run.stop(signalled[0] if signalled else None, keep_watchdog=True)
         print(f"steady: {report.line()}", file=sys.stderr, flush=True)
-    return 0 if report.clean else 1
+    if not report.clean:  # Ray may still be half up: skip its exit handlers (the watchdog bounds them anyway)
+        sys.stdout.flush()
+        os._exit(1)
+    return 0
