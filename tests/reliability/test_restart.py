@@ -103,6 +103,30 @@ def test_every_listening_socket_is_on_loopback(slot: Slot) -> None:
                                     "all on loopback")
 
 
+def test_the_public_ports_follow_the_host_and_the_rest_stays_on_127_0_0_1(tmp_path: Path) -> None:
+    """``host``/``metrics_host`` 127.0.0.2 stands in for a network address: only the HTTP frontend and the
+    metrics forwarder may listen there, everything else on 127.0.0.1."""
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("tiny", make_tiny_onnx(), tiny_card())
+    repo.set_stage("tiny", "production", 1, reason="initial")
+    server = ServeProcess.start({"repo": str(repo.root), "host": "127.0.0.2", "metrics_host": "127.0.0.2",
+                                 "object_store_mb": 96, "replica_cpus": 1.0, "ort_threads": 1, "live_fraction": 0.0,
+                                 "candidate_mode": "off"}, tmp_path / "host-serve.log")
+    try:
+        server.wait_ready(READY_TIMEOUT_S)
+        assert _classify(server, _photo(64, 48, 7)).status_code == 200
+        metrics = httpx.get(f"http://127.0.0.2:{server.metrics_port}/metrics", timeout=30)
+        assert metrics.status_code == 200 and "ray_" in metrics.text
+        sockets = server.listening()
+        public = {(x.ip, x.port) for x in sockets if not x.ip.endswith("127.0.0.1")}
+        assert public == {("127.0.0.2", server.port), ("127.0.0.2", server.metrics_port)}, sockets
+        assert not [x for x in sockets if not x.loopback]
+        TALLY.record("ops: binds", expected=True)
+    finally:
+        server.stop()
+        server.cleanup()
+
+
 # ------------------------------------------------------------------ graceful drain
 def test_sigterm_under_load_finishes_what_is_in_flight(slot: Slot) -> None:
     server = slot.running()
@@ -166,6 +190,7 @@ def bystanders(tmp_path: Path) -> Iterator[list[psutil.Process]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ten start-ups: ~3 min on a quiet 2-core machine, far more on a starved one
 def test_restart_on_the_same_ports_after_every_kind_of_stop(slot: Slot, bystanders: list[psutil.Process]) -> None:
     photo = _photo(64, 48, 4)
     server = slot.running()
