@@ -182,10 +182,13 @@ class DrainReport:
     killed: list[str] = field(default_factory=list)
     clean: bool = True
     notes: list[str] = field(default_factory=list)
+    since_signal_s: float | None = None
 
     def line(self) -> str:
         text = (f"drained {self.drained}/{self.replicas} replicas in {self.drain_s:.1f} s "
                 f"({self.requests_left} requests left), stopped in {self.stop_s:.1f} s")
+        if self.since_signal_s is not None:
+            text += f", {self.since_signal_s:.1f} s after the signal"
         if self.killed:
             text += f"; killed {len(self.killed)} leftover processes"
         return text + "".join(f"; {n}" for n in self.notes)
@@ -275,9 +278,10 @@ def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str 
             report.replicas, report.drained = counts["replicas"], counts["drained"]
             report.requests_left = counts["requests_left"]
             report.clean = report.drained >= report.replicas
-        except Exception as exc:  # noqa: BLE001 - Ray already gone (signal to the whole group): just stop
+        except Exception as exc:  # noqa: BLE001 - Ray going down (signal to the whole group): just stop
             report.clean = False
             report.notes.append(f"drain failed: {type(exc).__name__}")
+            alive = False  # a Ray that cannot answer its own actor would only make ray.shutdown wait
     else:
         report.clean = False
         report.notes.append("Ray was already stopped: no drain")

@@ -121,7 +121,8 @@ class ServeRun:
         """
         from service.drain import Watchdog, graceful_stop
 
-        deadline = (signalled_at or time.monotonic()) + self.settings.drain_timeout_s
+        began = signalled_at or time.monotonic()
+        deadline = began + self.settings.drain_timeout_s
         run_dir = str(self.run.path) if self.local else None
         watchdog = Watchdog(deadline, run_dir)
         try:
@@ -132,4 +133,5 @@ class ServeRun:
             self.run.release()
         if not keep_watchdog:
             watchdog.cancel()
+        report.since_signal_s = time.monotonic() - began
         return report

@@ -88,6 +88,8 @@ class ServeSettings(BaseModel):
         heavy_decode_pixels: images over this many pixels (4x for baseline JPEGs) are decoded in a separate
             low-priority thread, one at a time per replica, so a few expensive images cannot starve the rest.
         max_heavy_decodes: expensive images waiting or decoding per replica; more get 503 + Retry-After.
+        max_webp_pixels: WebP images over this pixel count get 413 (libwebp decodes in one call that keeps
+            Python's GIL: ~10 ms per megapixel during which no other thread of the replica runs).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -137,6 +139,7 @@ class ServeSettings(BaseModel):
     decode_budget_s: float = Field(2.0, gt=0)
     heavy_decode_pixels: int = Field(4_000_000, ge=1)
     max_heavy_decodes: int = Field(8, ge=1)
+    max_webp_pixels: int = Field(4_000_000, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":

@@ -171,3 +171,29 @@ class Traffic:
     def snapshot(self) -> list[Outcome]:
         with self._lock:
             return list(self.outcomes)
+
+
+def run_elsewhere(base: str, kinds: list[Kind], clients: int, seconds: float, nice: int = 19,
+                  timeout: float = 120.0) -> list[Outcome]:
+    """Send ``kinds`` from ``clients`` threads of another process for ``seconds`` (at ``nice``), like clients on
+    other machines: their own CPU work does not compete with the measuring process's threads for its GIL."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = os.path.join(tmp, "spec.pkl"), os.path.join(tmp, "out.pkl")
+        with open(spec, "wb") as fh:
+            pickle.dump({"base": base, "kinds": kinds, "clients": clients, "seconds": seconds, "timeout": timeout}, fh)
+        code = ("import pickle, sys, time; from tests.reliability.traffic import Traffic; "
+                "s = pickle.load(open(sys.argv[1], 'rb')); "
+                "t = Traffic(s['base'], s['kinds'], clients=s['clients'], timeout=s['timeout']).start(); "
+                "time.sleep(s['seconds']); pickle.dump(t.stop(), open(sys.argv[2], 'wb'))")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        subprocess.run(["nice", "-n", str(nice), sys.executable, "-c", code, spec, out], check=True, env=env,
+                       timeout=seconds + timeout + 60)
+        with open(out, "rb") as fh:
+            return list(pickle.load(fh))

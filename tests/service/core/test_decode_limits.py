@@ -93,3 +93,24 @@ def test_which_images_are_heavy(size: tuple[int, int], fmt: str, params: dict, h
     buf = io.BytesIO()
     Image.new("RGB", size, (10, 200, 30)).save(buf, fmt, **params)
     assert open_image(buf.getvalue()).heavy(4_000_000) is heavy
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_banded_alpha_composite_gives_the_same_pixels_as_one_call(mode: str) -> None:
+    from service.core.preprocess import to_rgb
+
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 255, (600, 333, 4), dtype=np.uint8), "RGBA")
+    img = rgba if mode == "RGBA" else rgba.convert(mode)
+    whole = Image.alpha_composite(Image.new("RGBA", img.size, (124, 116, 104, 255)), img.convert("RGBA")).convert("RGB")
+    assert np.array_equal(np.asarray(to_rgb(img, BACKGROUND)), np.asarray(whole))
+
+
+def test_large_webp_is_refused_from_its_header() -> None:
+    from service.core.preprocess import MAX_WEBP_PIXELS
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2500, 2000), (1, 2, 3)).save(buf, "WEBP")
+    with pytest.raises(ImageTooLarge, match="max_webp_pixels"):
+        open_image(buf.getvalue(), max_webp_pixels=MAX_WEBP_PIXELS)
+    assert open_image(buf.getvalue(), max_webp_pixels=6_000_000).format == "WEBP"
