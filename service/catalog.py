@@ -118,7 +118,8 @@ def load_version(repo: ModelRepository, model: str, version: int, stage: str, se
         RuntimeOptions(provider=settings.provider, intra_op_threads=settings.ort_threads, inter_op_threads=1,
                        allow_spinning=settings.ort_spinning),
     )
-    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels)
+    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels,
+                       budget_s=settings.decode_budget_s, max_webp_pixels=settings.max_webp_pixels)
     for size in settings.batch_sizes_to_warm:
         warm = np.zeros((size, 3, resolution, resolution), dtype=np.float32)
         logits = classifier.logits(warm)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
@@ -28,7 +30,7 @@ from service import v2
 from service.catalog import Catalog, CatalogLoader, ServedVersion
 from service.core.boxes import shift_box, zoom_box
 from service.core.errors import ImageTooLarge, InvalidInput, Overloaded, VersionNotFound
-from service.core.preprocess import Prepared, to_original
+from service.core.preprocess import Opened, Prepared, to_original
 from service.core.repository import ModelRepository, parse_version, validate_name
 from service.core.runtime import softmax
 from service.metrics import Metrics
@@ -42,6 +44,15 @@ InferFn = Callable[["ServedVersion", np.ndarray], Awaitable[np.ndarray]]
 """(served version, one (3, H, W) float32 tensor) -> (num_classes,) float32 logits."""
 
 MAX_V2_BATCH = 64
+HEAVY_NICE = 10  # nice value of the heavy-decode thread: ~10% of a core while other work wants the CPU
+
+
+def _lower_priority() -> None:
+    """Run this thread at nice HEAVY_NICE (Linux: a thread's nice value is its own)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HEAVY_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: keep the priority
+        pass
 
 
 class DataPlane:
@@ -61,6 +72,9 @@ class DataPlane:
         self.repo = repo
         self.metrics = metrics
         self.executor = executor or ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="steady-pre")
+        # expensive images (Opened.heavy) decode here: one at a time, at a lower CPU priority
+        self.heavy_executor = ThreadPoolExecutor(1, thread_name_prefix="steady-heavy", initializer=_lower_priority)
+        self.heavy_waiting = 0
         self.infer: InferFn = infer or self._direct_infer
         self.rng = rng or random.Random(settings.seed)
         self.loader = CatalogLoader(repo, settings, metrics)
@@ -168,10 +182,30 @@ class DataPlane:
         }
 
     async def _prepare(self, served: ServedVersion, data: bytes) -> Prepared:
+        """Decode and preprocess in the decode threads; an expensive image (its header says so) moves to the
+        heavy lane (one low-priority thread, at most ``max_heavy_decodes`` waiting: 503 beyond)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._prepare_sync, served, data)
+        result = await loop.run_in_executor(self.executor, self._prepare_light, served, data)
+        if isinstance(result, Prepared):
+            return result
+        if self.heavy_waiting >= self.settings.max_heavy_decodes:
+            raise Overloaded(f"over {self.settings.max_heavy_decodes} large images being decoded; retry later")
+        self.heavy_waiting += 1
+        try:
+            return await loop.run_in_executor(self.heavy_executor, self._prepare_sync, served, result)
+        finally:
+            self.heavy_waiting -= 1
 
-    def _prepare_sync(self, served: ServedVersion, data: bytes) -> Prepared:
+    def _prepare_light(self, served: ServedVersion, data: bytes) -> Prepared | Opened:
+        start = time.perf_counter()
+        opened = served.pre.open(data)
+        if opened.heavy(self.settings.heavy_decode_pixels):
+            return opened
+        prepared = served.pre.process(opened)
+        self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
+        return prepared
+
+    def _prepare_sync(self, served: ServedVersion, data: bytes | Opened) -> Prepared:
         start = time.perf_counter()
         prepared = served.pre.process(data)
         self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -87,14 +88,19 @@ class DrainControl:
         now = time.monotonic()
         return {r for r, t in self._seen.items() if now - t < 2 * POLL_S + 1}
 
+    async def status(self) -> dict[str, int]:
+        """Replicas expected (heard from in the last ``2 * POLL_S``, or reported), drained, requests left, and
+        ``done`` once every live replica reported."""
+        expected = self._expected()
+        return {"replicas": len(expected | set(self._drained)), "drained": len(self._drained),
+                "requests_left": sum(self._drained.values()), "done": int(expected <= set(self._drained))}
+
     async def wait_drained(self, timeout: float) -> dict[str, int]:
-        """Wait (at most ``timeout``) until every live replica reported; counts of replicas and requests left."""
+        """Wait (at most ``timeout``) until every live replica reported; :meth:`status` then."""
         end = time.monotonic() + timeout
         while time.monotonic() < end and not self._expected() <= set(self._drained):
             await asyncio.sleep(0.05)
-        expected = self._expected() | set(self._drained)
-        return {"replicas": len(expected), "drained": len(self._drained),
-                "requests_left": sum(self._drained.values())}
+        return await self.status()
 
 
 _REMOTE: Any = None
@@ -176,10 +182,13 @@ class DrainReport:
     killed: list[str] = field(default_factory=list)
     clean: bool = True
     notes: list[str] = field(default_factory=list)
+    since_signal_s: float | None = None
 
     def line(self) -> str:
         text = (f"drained {self.drained}/{self.replicas} replicas in {self.drain_s:.1f} s "
                 f"({self.requests_left} requests left), stopped in {self.stop_s:.1f} s")
+        if self.since_signal_s is not None:
+            text += f", {self.since_signal_s:.1f} s after the signal"
         if self.killed:
             text += f"; killed {len(self.killed)} leftover processes"
         return text + "".join(f"; {n}" for n in self.notes)
@@ -201,27 +210,41 @@ def _run_bounded(fn: Callable[[], Any], timeout: float) -> bool:
     return done.wait(max(0.0, timeout))
 
 
-def ray_alive(main: psutil.Process | None = None) -> bool:
-    """Whether this driver's own GCS and raylet still run (SIGTERM to the process group ends them at once)."""
+def ray_alive(main: psutil.Process | None = None, grace_s: float = 0.3) -> bool:
+    """Whether this driver's own GCS and raylet still run ``grace_s`` from now (a SIGTERM to the whole process
+    group reaches them together with the driver; they are gone within a few hundred milliseconds)."""
     main = main or psutil.Process()
-    names = set()
+    core = []
     for child in main.children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                names.add(child.name())
+            if child.name() in ("gcs_server", "raylet"):
+                core.append(child)
         except psutil.Error:
             continue
-    return {"gcs_server", "raylet"} <= names
+    if len(core) < 2:
+        return False
+    gone, alive = psutil.wait_procs(core, timeout=grace_s)
+    return not gone and all(p.status() != psutil.STATUS_ZOMBIE for p in alive)
 
 
-def drain_replicas(control: Any, timeout: float) -> dict[str, int]:
-    """Flip every replica to 503 and wait (at most ``timeout``) until their requests in flight finished."""
+def drain_replicas(control: Any, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict[str, int]:
+    """Flip every replica to 503 and wait (at most ``timeout``) until their requests in flight finished.
+
+    Polls the control actor with short timeouts, and gives up with :class:`RuntimeError` as soon as
+    ``alive()`` says Ray is going down (its GCS and raylet got the same SIGTERM), instead of waiting out
+    ``timeout`` on calls that cannot answer.
+    """
     import ray
 
-    start = time.monotonic()
-    ray.get(control.start.remote(max(0.0, timeout)), timeout=max(0.5, timeout))
-    left = max(0.1, timeout - (time.monotonic() - start))
-    return dict(ray.get(control.wait_drained.remote(left), timeout=left + 2.0))
+    end = time.monotonic() + timeout
+    ray.get(control.start.remote(max(0.0, timeout)), timeout=min(2.0, max(0.5, timeout)))
+    while True:
+        counts = dict(ray.get(control.status.remote(), timeout=2.0))
+        if counts.pop("done") or time.monotonic() >= end:
+            return counts
+        if not alive():
+            raise RuntimeError("Ray is stopping")
+        time.sleep(0.1)
 
 
 def _soft_stop_haproxy(run_dir: str) -> int:
@@ -249,15 +272,18 @@ def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str 
     report = DrainReport()
     reserve = 4.0 if run_dir else 2.5  # seconds kept for stopping after the drain
     t0 = time.monotonic()
-    if control is not None and ray.is_initialized() and (run_dir is None or ray_alive()):
+    alive = ray.is_initialized() and (run_dir is None or ray_alive())
+    if control is not None and alive:
         try:
-            counts = drain_replicas(control, min(settings.drain_timeout_s, deadline - t0 - reserve))
+            counts = drain_replicas(control, min(settings.drain_timeout_s, deadline - t0 - reserve),
+                                    alive=(lambda: ray_alive(grace_s=0.0)) if run_dir else (lambda: True))
             report.replicas, report.drained = counts["replicas"], counts["drained"]
             report.requests_left = counts["requests_left"]
             report.clean = report.drained >= report.replicas
-        except Exception as exc:  # noqa: BLE001 - Ray already gone (signal to the whole group): just stop
+        except Exception as exc:  # noqa: BLE001 - Ray going down (signal to the whole group): just stop
             report.clean = False
             report.notes.append(f"drain failed: {type(exc).__name__}")
+            alive = False  # a Ray that cannot answer its own actor would only make ray.shutdown wait
     else:
         report.clean = False
         report.notes.append("Ray was already stopped: no drain")
@@ -265,7 +291,8 @@ def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str 
     t1 = time.monotonic()
     if run_dir is not None:
         _soft_stop_haproxy(run_dir)
-        if ray.is_initialized() and not _run_bounded(ray.shutdown, deadline - time.monotonic() - 1.0):
+        # with its GCS and raylet gone, ray.shutdown only waits for them: the kill below is the stop
+        if alive and not _run_bounded(ray.shutdown, deadline - time.monotonic() - 1.0):
             report.clean = False
             report.notes.append("ray.shutdown did not finish")
         report.killed = kill_processes(run_processes(run_dir), timeout=max(0.5, deadline - time.monotonic()))
@@ -313,20 +340,24 @@ def _delete_app(app_name: str, until: float) -> None:
 
 
 class Watchdog:
-    """Ends the process at ``deadline`` whatever the stop is doing: kills the run directory's processes
-    (local mode), prints one line and exits with status 1."""
+    """Ends the process by ``deadline`` whatever the stop is doing: half a second before it, kills the run
+    directory's processes (local mode), prints one line and exits with status 1; at the deadline,
+    ``faulthandler`` (a C thread that needs no GIL, in case a call into Ray holds it) prints every thread's
+    stack and exits with status 1."""
 
     def __init__(self, deadline: float, run_dir: str | None) -> None:
         self.deadline = deadline
         self.run_dir = run_dir
         self._cancel = threading.Event()
+        faulthandler.dump_traceback_later(max(0.5, deadline - time.monotonic()), exit=True)
         threading.Thread(target=self._run, name="steady-watchdog", daemon=True).start()
 
     def cancel(self) -> None:
         self._cancel.set()
+        faulthandler.cancel_dump_traceback_later()
 
     def _run(self) -> None:
-        if self._cancel.wait(max(0.0, self.deadline - time.monotonic())):
+        if self._cancel.wait(max(0.0, self.deadline - 0.5 - time.monotonic())):
             return
         if self.run_dir is not None:
             main = psutil.Process()

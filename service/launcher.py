@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from service.core.errors import SteadyError
-from service.rundir import kill_processes, run_processes
+from service.rundir import RunDir, kill_processes, run_processes
 
 __all__ = ["ServeProcess", "free_port", "isolated_environment", "KILL_MODES", "Listening"]
 
@@ -143,7 +143,9 @@ class ServeProcess:
             return ""
 
     def wait_ready(self, timeout: float = 180.0) -> float:
-        """Seconds from launch until ``/v2/health/ready`` answered 200; raises when it exits or times out."""
+        """Seconds from launch until this process recorded its run (it does so once ready) and
+        ``/v2/health/ready`` answers 200; raises when it exits or times out. (A killed server's orphans may
+        still answer on the port for a moment: only this process's own record counts.)"""
         from service.runner import wait_ready
 
         def exited() -> str | None:
@@ -151,8 +153,15 @@ class ServeProcess:
                 return None
             return f"steady serve exited with {self.proc.returncode}:\n{self.tail()}"
 
+        deadline = time.monotonic() + timeout
         try:
-            wait_ready(f"{self.base}/v2/health/ready", timeout, failed=exited)
+            while RunDir.read_state(self.run_dir).get("pid") != self.proc.pid:
+                if (reason := exited()) is not None:
+                    raise SteadyError(reason)
+                if time.monotonic() > deadline:
+                    raise SteadyError(f"steady serve not ready after {timeout:.0f} s (no record in {self.run_dir})")
+                time.sleep(0.2)
+            wait_ready(f"{self.base}/v2/health/ready", max(1.0, deadline - time.monotonic()), failed=exited)
         except SteadyError as exc:
             raise SteadyError(f"{exc}\n{self.tail()}" if self.proc.poll() is None else str(exc)) from None
         self.ready_s = time.perf_counter() - self.started

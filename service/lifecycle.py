@@ -19,12 +19,13 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from service.binds import Binds, MetricsForwarder, ray_environment, resolve_binds, serve_http_host
-from service.rundir import RunDir, check_ports, default_run_dir
+from service.binds import Binds, MetricsForwarder, is_loopback, ray_environment, resolve_binds, serve_http_host
+from service.rundir import RunDir, check_ports, default_run_dir, kill_processes, run_processes
 
 __all__ = ["ServeRun", "RECORD_EVERY_S"]
 
@@ -55,6 +56,9 @@ class ServeRun:
         try:
             cleaned = run.clean_leftovers()
             binds = None
+            if settings.ray_address and is_loopback(settings.ray_address.rpartition(":")[0].removeprefix("ray://")):
+                # a loopback head: without this, ray.init rewrites 127.0.0.1 to the machine's address
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             if not settings.ray_address:
                 binds = resolve_binds(settings)
                 # a process just killed releases its sockets as it dies: give them a moment
@@ -75,7 +79,18 @@ class ServeRun:
         from service.runner import run_service, start_ray
 
         s = self.settings
-        start_ray(s, metrics_export_port=self.binds.ray_metrics_port if self.binds else None)
+        port = self.binds.ray_metrics_port if self.binds else None
+        try:
+            start_ray(s, metrics_export_port=port)
+        except Exception as exc:  # noqa: BLE001 - Ray's own start-up deadline (30 s, fixed) on a starved machine
+            if self.binds is None or "timed out during startup" not in str(exc):
+                raise
+            import ray
+
+            print(f"steady: Ray did not start in time ({exc}); trying once more", file=sys.stderr, flush=True)
+            ray.shutdown()
+            kill_processes(run_processes(self.run.path))
+            start_ray(s, metrics_export_port=port)
         if after_ray is not None:
             after_ray()
         if self.binds is not None and self.binds.forwards_metrics:
@@ -101,15 +116,18 @@ class ServeRun:
         if time.monotonic() - self.recorded_at >= RECORD_EVERY_S:
             self.record()
 
-    def stop(self, signalled_at: float | None = None) -> Any:
+    def stop(self, signalled_at: float | None = None, *, keep_watchdog: bool = False) -> Any:
         """Drain and stop within ``drain_timeout_s`` of ``signalled_at`` (``time.monotonic()``; default now).
 
-        A watchdog ends the process (status 1) at that deadline whatever is still running; the returned
-        :class:`~service.drain.DrainReport` says what happened.
+        A watchdog ends the process (status 1) at that deadline whatever is still running; with
+        ``keep_watchdog`` it stays armed after the stop, until the process exits (``steady serve``: Ray's own
+        exit handlers cannot hang it either). The returned :class:`~service.drain.DrainReport` says what
+        happened.
         """
         from service.drain import Watchdog, graceful_stop
 
-        deadline = (signalled_at or time.monotonic()) + self.settings.drain_timeout_s
+        began = signalled_at or time.monotonic()
+        deadline = began + self.settings.drain_timeout_s
         run_dir = str(self.run.path) if self.local else None
         watchdog = Watchdog(deadline, run_dir)
         try:
@@ -119,5 +137,7 @@ class ServeRun:
             if self.forwarder is not None:
                 self.forwarder.close()
             self.run.release()
-        watchdog.cancel()
+        if not keep_watchdog:
+            watchdog.cancel()
+        report.since_signal_s = time.monotonic() - began
         return report

@@ -36,6 +36,12 @@ def start_ray(settings: Any, system_config: dict[str, Any] | None = None, *, met
     # the GCS traffic it causes. Every 0.5 s: 0.013 core, ready time unchanged (measured,
     # README.md, "Performance"). Only when Steady starts Ray; the environment overrides it.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", CONTROL_LOOP_INTERVAL_S)
+    if not settings.ray_address:
+        # Serve keeps a stopping ingress replica reachable for this long behind HAProxy (default 30 s):
+        # every serve.shutdown() took 30 s and lost the race with ray.shutdown() in stop_service
+        from service.binds import DRAINING_PERIOD_S
+
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", DRAINING_PERIOD_S)
     import ray
 
     if settings.ray_address:

@@ -84,6 +84,12 @@ class ServeSettings(BaseModel):
             default: free ports chosen at start).
         drain_timeout_s: on SIGTERM, the most seconds until ``steady serve`` has exited: readiness and
             admission turn to 503 first, requests in flight finish, then Serve and Ray stop.
+        decode_budget_s: CPU seconds decoding one image may use; beyond it the request gets 413.
+        heavy_decode_pixels: images over this many pixels (4x for baseline JPEGs) are decoded in a separate
+            low-priority thread, one at a time per replica, so a few expensive images cannot starve the rest.
+        max_heavy_decodes: expensive images waiting or decoding per replica; more get 503 + Retry-After.
+        max_webp_pixels: WebP images over this pixel count get 413 (libwebp decodes in one call that keeps
+            Python's GIL: ~10 ms per megapixel during which no other thread of the replica runs).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -130,6 +136,10 @@ class ServeSettings(BaseModel):
     fallback_http_port: int | None = Field(None, ge=1, le=65535)
     fallback_grpc_port: int | None = Field(None, ge=1, le=65535)
     drain_timeout_s: float = Field(15.0, ge=2, le=3600)
+    decode_budget_s: float = Field(2.0, gt=0)
+    heavy_decode_pixels: int = Field(4_000_000, ge=1)
+    max_heavy_decodes: int = Field(8, ge=1)
+    max_webp_pixels: int = Field(4_000_000, ge=1)
 
     @field_validator("autoscaling")
     @classmethod

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 __all__ = ["register"]
@@ -34,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.core.errors import SteadyError
     from service.lifecycle import ServeRun
     from service.runner import client_host, preflight
     from service.settings import ServeSettings
@@ -65,6 +68,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, _on_signal)
 
     serving = False
+    failed = 0
     try:
         run.start(after_ray=_install)
         serving = True
@@ -85,9 +89,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("steady: shutting down (draining)", file=sys.stderr, flush=True)
     except _StopDuringStart:
         print("steady: stopped during start-up", file=sys.stderr, flush=True)
+    except BaseException as exc:  # noqa: BLE001 - said here: the process ends below, before main() could
+        failed = exc.exit_code if isinstance(exc, SteadyError) else 1
+        if isinstance(exc, (SteadyError, KeyboardInterrupt)):
+            print(f"steady serve: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        report = run.stop(signalled[0] if signalled else None)
+        report = run.stop(signalled[0] if signalled else None, keep_watchdog=True)
         print(f"steady: {report.line()}", file=sys.stderr, flush=True)
-    return 0 if report.clean else 1
+    # Ray is down and the run's processes are gone: its exit handlers have nothing left to do but can take
+    # seconds (or hang when Ray stopped half-way), so leave now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(failed if failed else 0 if report.clean else 1)

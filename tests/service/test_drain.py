@@ -98,10 +98,10 @@ def test_control_expects_the_replicas_it_heard_from(monkeypatch: pytest.MonkeyPa
         assert all(6.0 < r <= 7.0 for r in remaining)
         await control.drained("a", 0)
         partial = await control.wait_drained(0.2)
-        assert partial == {"replicas": 3, "drained": 1, "requests_left": 0}
+        assert partial == {"replicas": 3, "drained": 1, "requests_left": 0, "done": 0}
         await control.drained("b", 2)
         await asyncio.sleep(1.5)  # "gone" drops out of the window (2 * POLL_S + 1 = 1.4 s)
-        assert await control.wait_drained(1.0) == {"replicas": 2, "drained": 2, "requests_left": 2}
+        assert await control.wait_drained(1.0) == {"replicas": 2, "drained": 2, "requests_left": 2, "done": 1}
         assert await control.wait("late", 5.0) is not None  # a replica asking after the start learns at once
 
     asyncio.run(scenario())
