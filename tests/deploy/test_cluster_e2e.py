@@ -5,15 +5,16 @@ One cluster for the module, used in order (each test leaves it as the next expec
 
 1. the cluster itself: three nodes, the token required, every socket on loopback;
 2. ``steady score --ray-address`` on the empty cluster equals one process;
-3. ``serve deploy deploy/serve.yaml`` (repository, ingress port and autoscaling delays overridden): REST and
-   tritonclient V2 answer through the head's ingress; under sustained load the replica count grows and
-   shrinks when idle, seen by the controller and by Prometheus (scraping every node's metrics agent through
-   Ray's own service-discovery file) through the dashboard's replica panel;
-4. the same file with three fixed replicas: one per node; an admin reload reaches every replica on every
+3. ``serve deploy deploy/serve.yaml`` (repository, ingress port and admin token overridden, its
+   autoscaling_config pinned at three 2-CPU replicas): one replica per node, still every socket on loopback,
+   REST and tritonclient V2 answer through the head's ingress; an admin reload reaches every replica on every
    node; the scorer, with every CPU held by the replicas, fails after its timeout instead of hanging;
-5. a node lost under concurrent load and its return;
-6. a cluster-joined ``steady serve`` (autoscaling set in its settings) stopped by SIGTERM;
-7. ``local.sh down`` leaves no process behind.
+4. a node lost under concurrent load, and its return;
+5. after ``serve shutdown``, a cluster-joined ``steady serve`` with autoscaling in its settings: under
+   sustained load the replica count grows and shrinks when idle, seen by the controller and by Prometheus
+   (scraping every node's metrics agent through Ray's own service-discovery file) through the dashboard's
+   replica panel; then SIGTERM ends it within its drain timeout and leaves the cluster running;
+6. ``local.sh down`` stops every process of the cluster and nothing else.
 
 The cluster tests take a few minutes (README, "Run in production", section 2, has the figures).
 """
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import numpy as np
@@ -186,11 +187,12 @@ def test_sharded_scoring_on_the_cluster_equals_one_process(cluster: LocalCluster
 # ---------------------------------------------------------------------------------------------- 3. serve deploy
 @pytest.fixture(scope="module")
 def deployed(cluster: LocalCluster, repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
-    """``serve deploy`` of deploy/serve.yaml: the repository, the ingress port and the autoscaling delays
-    overridden (and an admin token)."""
-    config = cluster.serve_config(repo=str(repo.root), autoscaling=AUTOSCALING, admin_token=ADMIN_TOKEN)
+    """``serve deploy`` of deploy/serve.yaml with the repository, the ingress port and an admin token
+    overridden, and its autoscaling_config pinned at three 2-CPU replicas: one on each node, every CPU held."""
+    config = cluster.serve_config(repo=str(repo.root), autoscaling={**AUTOSCALING, "min_replicas": 3},
+                                  admin_token=ADMIN_TOKEN)
     seconds = cluster.serve_deploy(config, tmp_path_factory.mktemp("deploy"))
-    print(f"serve deploy: running after {seconds:.1f} s")
+    print(f"serve deploy: three replicas running after {seconds:.1f} s")
     return cluster
 
 
@@ -216,84 +218,24 @@ def _rest_check(cluster: LocalCluster, photos: list[bytes], expected: dict[bytes
         assert tuple(p["index"] for p in r.json()["predictions"]) == expected[body]
 
 
-def test_serve_deploy_answers_rest_and_v2(deployed: LocalCluster, photos: list[bytes],
-                                          expected: dict[bytes, tuple[int, ...]]) -> None:
+def test_serve_deploy_spreads_replicas_and_answers_rest_and_v2(deployed: LocalCluster, photos: list[bytes],
+                                                               expected: dict[bytes, tuple[int, ...]]) -> None:
     dep = deployed.deployment()
-    assert dep is not None and dep["deployment_config"]["autoscaling_config"]["max_replicas"] == 3
+    assert dep is not None and dep["deployment_config"]["autoscaling_config"]["min_replicas"] == 3
+    assert deployed.replica_nodes() == [0, 1, 2]
+    # with replicas, proxies and HAProxy on every node, still nothing listens beyond loopback
+    assert not _listening_beyond_loopback(list(deployed.process_nodes()))
     _rest_check(deployed, photos, expected)
     _v2_check(deployed, photos, expected)
 
 
-def _replica_panel(prom: Prom) -> tuple[float | None, float | None]:
-    """The dashboard's "Replicas" panel (healthy replicas, autoscaling target) for application steady."""
-    (healthy, target) = [substitute(expr, {"application": "steady"})
-                         for title, _, expr in panel_targets(dashboard()) if title == "Replicas"]
-
-    def value(expr: str) -> float | None:
-        found = prom.finite(expr)
-        return float(found[0]["value"][1]) if found else None
-
-    return value(healthy), value(target)
-
-
-def test_autoscaling_grows_under_load_and_shrinks_when_idle(deployed: LocalCluster, prometheus: Prom,
-                                                            photos: list[bytes]) -> None:
-    cluster = deployed
-    # every node's metrics agent is scraped (Ray's list also names the autoscaler and dashboard exporters)
-    def every_node_scraped() -> bool:
-        up = {s["metric"]["instance"]: s["value"][1] for s in prometheus.query('up{job="ray-cluster"}')}
-        return all(up.get(t) == "1" for t in cluster.metrics_targets)
-
-    cluster.wait(every_node_scraped, 90, f"Prometheus to scrape every node's agent {cluster.metrics_targets} "
-                 f"(Ray's list: {cluster.service_discovery_file.read_text()})")
-    cluster.wait(lambda: len(cluster.replicas(state=None)) == 1, 120, "the minimum of one replica")
-    seen: dict[str, list[float]] = {"running": [], "panel": []}
-    with Load(f"{cluster.base}/v1/models/tiny:classify", photos, clients=8) as load:
-        t0 = time.monotonic()
-        grown = cluster.wait(lambda: len(cluster.replicas()) >= 2, 150, "a second running replica under load")
-        print(f"autoscaling: a second replica runs {grown:.1f} s after the load started")
-
-        def panel_grew() -> bool:
-            healthy, _ = _replica_panel(prometheus)
-            seen["panel"].append(healthy or 0)
-            return (healthy or 0) >= 2
-
-        cluster.wait(panel_grew, 90, "the replica panel to show two replicas")
-        seen["running"].append(len(cluster.replicas()))
-        elapsed = time.monotonic() - t0
-    answered = [o for o in load.outcomes if o.status == 200]
-    assert len(answered) > 100 and len(answered) == len(load.outcomes), {o.status for o in load.outcomes}
-    shrunk = cluster.wait(lambda: len(cluster.replicas(state=None)) == 1, 180, "one replica again when idle")
-    print(f"autoscaling: back to one replica {shrunk:.1f} s after the load ({elapsed:.0f} s) stopped")
-    cluster.wait(lambda: _replica_panel(prometheus)[0] == 1, 90, "the replica panel to show one replica")
-    assert max(seen["panel"]) >= 2
-
-
-# ---------------------------------------------------------------------------------------------- 4. three replicas
-@pytest.fixture(scope="module")
-def spread(deployed: LocalCluster, repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
-    """The same file with autoscaling off and three fixed 2-CPU replicas: one on each node."""
-    config = deployed.serve_config(repo=str(repo.root), autoscaling=None, num_replicas=3, admin_token=ADMIN_TOKEN)
-    seconds = deployed.serve_deploy(config, tmp_path_factory.mktemp("deploy3"))
-    print(f"serve deploy, three replicas: running after {seconds:.1f} s")
-    return deployed
-
-
-def test_three_replicas_one_per_node(spread: LocalCluster, photos: list[bytes],
-                                     expected: dict[bytes, tuple[int, ...]]) -> None:
-    assert spread.replica_nodes() == [0, 1, 2]
-    # with replicas, proxies and HAProxy on every node, still nothing listens beyond loopback
-    assert not _listening_beyond_loopback(list(spread.process_nodes()))
-    _rest_check(spread, photos, expected)
-    _v2_check(spread, photos, expected)
-
-
-def test_admin_reload_reaches_every_replica_on_every_node(spread: LocalCluster, repo: ModelRepository) -> None:
-    ports = spread.replica_ports()
-    assert len(ports) == 3 and sorted(spread.node_of(pid) for pid, _ in ports.values()) == [0, 1, 2]
+def test_admin_reload_reaches_every_replica_on_every_node(deployed: LocalCluster, repo: ModelRepository) -> None:
+    ports = deployed.replica_ports()
+    assert len(ports) == 3 and sorted(deployed.node_of(pid) for pid, _ in ports.values()) == [0, 1, 2]
     v2 = repo.add("tiny", make_tiny_onnx(seed=2), tiny_card())
     repo.set_stage("tiny", "production", v2.version)
-    r = httpx.post(f"{spread.base}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120)
+    r = httpx.post(f"{deployed.base}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                   timeout=120)
     assert r.status_code == 200, r.text
     t0 = time.monotonic()
     switched: dict[str, float] = {}
@@ -304,14 +246,16 @@ def test_admin_reload_reaches_every_replica_on_every_node(spread: LocalCluster, 
                 switched[replica] = time.monotonic() - t0
         return len(switched) == len(ports)
 
-    spread.wait(every_replica_serves_v2, RELOAD_DEADLINE_S, "every replica to serve the reloaded version", every=0.1)
+    deployed.wait(every_replica_serves_v2, RELOAD_DEADLINE_S, "every replica to serve the reloaded version",
+                  every=0.1)
     print(f"reload reached replicas after {sorted(round(s, 2) for s in switched.values())} s")
     # and back, so later tests see version 1's answers
     repo.set_stage("tiny", "production", 1)
-    r = httpx.post(f"{spread.base}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120)
+    r = httpx.post(f"{deployed.base}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                   timeout=120)
     assert r.status_code == 200, r.text
-    spread.wait(lambda: all(_production(port) == 1 for _, port in ports.values()), RELOAD_DEADLINE_S,
-                "every replica to serve version 1 again")
+    deployed.wait(lambda: all(_production(port) == 1 for _, port in ports.values()), RELOAD_DEADLINE_S,
+                  "every replica to serve version 1 again")
 
 
 def _production(port: int) -> int | None:
@@ -321,20 +265,21 @@ def _production(port: int) -> int | None:
     return {v["stage"]: v["version"] for v in tiny["versions"]}.get("production")
 
 
-def test_sharded_scoring_fails_clearly_when_every_cpu_is_held(spread: LocalCluster, score_repo: ModelRepository,
+def test_sharded_scoring_fails_clearly_when_every_cpu_is_held(deployed: LocalCluster, score_repo: ModelRepository,
                                                               score_data: tuple[Path, Path]) -> None:
     data, labels = score_data
     t0 = time.monotonic()
-    proc = _score(spread, score_repo, data, labels, "--ray-address", spread.address, "--ray-timeout", "5", timeout=120)
+    proc = _score(deployed, score_repo, data, labels, "--ray-address", deployed.address, "--ray-timeout", "5",
+                  timeout=120)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "could not start a 1-CPU scoring task within 5 s" in proc.stderr and "0 free" in proc.stderr
     assert time.monotonic() - t0 < 100  # a timeout, not a hang (the limit is the subprocess' own)
 
 
 # ---------------------------------------------------------------------------------------------- 5. node loss
-def test_node_lost_and_returned_under_concurrent_load(spread: LocalCluster, photos: list[bytes],
+def test_node_lost_and_returned_under_concurrent_load(deployed: LocalCluster, photos: list[bytes],
                                                       expected: dict[bytes, tuple[int, ...]]) -> None:
-    cluster = spread
+    cluster = deployed
     (lost,) = [r for r in cluster.replicas() if cluster.node_of(r["pid"]) == 2]
     with Load(f"{cluster.base}/v1/models/tiny:classify?top_k=5", photos, clients=4, pause_s=0.05) as load:
         time.sleep(4)
@@ -371,38 +316,87 @@ def test_node_lost_and_returned_under_concurrent_load(spread: LocalCluster, phot
 
 
 # ---------------------------------------------------------------------------------------------- 6. steady serve
-def test_cluster_joined_steady_serve_stops_on_sigterm(cluster: LocalCluster, repo: ModelRepository,
-                                                      tmp_path: Path, photos: list[bytes],
-                                                      expected: dict[bytes, tuple[int, ...]]) -> None:
+@pytest.fixture(scope="module")
+def joined(cluster: LocalCluster, repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``steady serve --ray-address`` on the cluster (after ``serve shutdown``), autoscaling set in its settings."""
     from service.launcher import ServeProcess
-    from service.settings import ServeSettings
 
     cluster.serve_shutdown()
     settings = {"repo": str(repo.root), "ray_address": cluster.address, "port": cluster.http_port,
-                "autoscaling": {"min_replicas": 1, "max_replicas": 2}, "ort_threads": 1, "decode_threads": 1}
-    server = ServeProcess.start(settings, tmp_path / "serve.log", env=cluster.client_env())
+                "autoscaling": AUTOSCALING, "ort_threads": 1, "decode_threads": 1}
+    server = ServeProcess.start(settings, tmp_path_factory.mktemp("joined") / "serve.log", env=cluster.client_env())
     try:
         server.wait_ready(180)
-        # the ingress answers before `serve.run` returns (it still waits for every node's proxy): signal a
+        # the ingress answers before `serve.run` returns (it still waits for every node's proxy): use a
         # steady serve that has finished starting
         cluster.wait(lambda: "steady: serving" in server.tail(20000), 120, "steady serve to finish starting")
-        dep = cluster.deployment()
-        assert dep is not None and dep["deployment_config"]["autoscaling_config"]["max_replicas"] == 2
-        _rest_check(cluster, photos[:2], expected)
-        field = ServeSettings.model_fields.get("drain_timeout_s")  # issue 13's setting, when present
-        drain = float(field.default) if field is not None else 0.0
-        t0 = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        rc = server.proc.wait(drain + 60)
-        stopped = time.monotonic() - t0
+        yield server
     finally:
         server.stop()
         server.cleanup()
+
+
+def _replica_panel(prom: Prom) -> tuple[float | None, float | None]:
+    """The dashboard's "Replicas" panel (healthy replicas, autoscaling target) for application steady."""
+    (healthy, target) = [substitute(expr, {"application": "steady"})
+                         for title, _, expr in panel_targets(dashboard()) if title == "Replicas"]
+
+    def value(expr: str) -> float | None:
+        found = prom.finite(expr)
+        return float(found[0]["value"][1]) if found else None
+
+    return value(healthy), value(target)
+
+
+def test_autoscaling_grows_under_load_and_shrinks_when_idle(cluster: LocalCluster, joined: Any, prometheus: Prom,
+                                                            photos: list[bytes],
+                                                            expected: dict[bytes, tuple[int, ...]]) -> None:
+    dep = cluster.deployment()
+    assert dep is not None and dep["deployment_config"]["autoscaling_config"]["max_replicas"] == 3
+    _rest_check(cluster, photos[:2], expected)
+    # every node's metrics agent is scraped (Ray's list also names the autoscaler and dashboard exporters)
+    def every_node_scraped() -> bool:
+        up = {s["metric"]["instance"]: s["value"][1] for s in prometheus.query('up{job="ray-cluster"}')}
+        return all(up.get(t) == "1" for t in cluster.metrics_targets)
+
+    cluster.wait(every_node_scraped, 90, f"Prometheus to scrape every node's agent {cluster.metrics_targets} "
+                 f"(Ray's list: {cluster.service_discovery_file.read_text()})")
+    cluster.wait(lambda: len(cluster.replicas(state=None)) == 1, 120, "the minimum of one replica")
+    seen: list[float] = []
+    with Load(f"{cluster.base}/v1/models/tiny:classify", photos, clients=8) as load:
+        t0 = time.monotonic()
+        grown = cluster.wait(lambda: len(cluster.replicas()) >= 2, 150, "a second running replica under load")
+        print(f"autoscaling: a second replica runs {grown:.1f} s after the load started")
+
+        def panel_grew() -> bool:
+            healthy, _ = _replica_panel(prometheus)
+            seen.append(healthy or 0)
+            return (healthy or 0) >= 2
+
+        cluster.wait(panel_grew, 90, "the replica panel to show two replicas")
+        elapsed = time.monotonic() - t0
+    answered = [o for o in load.outcomes if o.status == 200]
+    assert len(answered) > 100 and len(answered) == len(load.outcomes), {o.status for o in load.outcomes}
+    shrunk = cluster.wait(lambda: len(cluster.replicas(state=None)) == 1, 180, "one replica again when idle")
+    print(f"autoscaling: back to one replica {shrunk:.1f} s after the load ({elapsed:.0f} s) stopped")
+    cluster.wait(lambda: _replica_panel(prometheus)[0] == 1, 90, "the replica panel to show one replica")
+    assert max(seen) >= 2
+
+
+def test_cluster_joined_steady_serve_stops_on_sigterm(cluster: LocalCluster, joined: Any) -> None:
+    from service.settings import ServeSettings
+
+    drain = ServeSettings.model_fields["drain_timeout_s"].default
+    t0 = time.monotonic()
+    joined.proc.send_signal(signal.SIGTERM)
+    rc = joined.proc.wait(drain + 30)
+    stopped = time.monotonic() - t0
     print(f"steady serve (cluster-joined) exited {stopped:.1f} s after SIGTERM, rc {rc}")
-    assert rc == 0, server.tail()
+    assert rc == 0, joined.tail()
+    assert stopped <= drain + 2, f"{stopped:.1f} s, drain_timeout_s {drain}"  # its own watchdog's deadline
     assert "steady" not in cluster.applications()
     assert cluster.alive_nodes() == 3  # the cluster is the operator's: it keeps running
-    assert not cluster.haproxies(), "an HAProxy of the cluster's Serve outlived the only application"
+    assert not cluster.haproxies(), "an HAProxy of the Serve that steady serve started outlived it"
 
 
 # ---------------------------------------------------------------------------------------------- 7. down
