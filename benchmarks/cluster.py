@@ -146,12 +146,7 @@ class LocalCluster:
 
     def process_nodes(self) -> dict[int, int]:
         """``{pid: node}`` for every process of this cluster (node 0 is the head), by the marker local.sh sets."""
-        out = {}
-        for pid in _pids():
-            marker = _node_marker(pid)
-            if marker is not None and marker.rpartition("#")[0] == str(self.dir):
-                out[pid] = int(marker.rpartition("#")[2])
-        return out
+        return {pid: node for pid in _pids() if (node := self.node_of(pid)) is not None}
 
     def processes(self, n: int | None = None) -> list[int]:
         """Pids of this cluster (``n``: of node ``n`` only)."""

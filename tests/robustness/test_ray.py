@@ -39,13 +39,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _run(script: str, repo: ModelRepository, folder: tuple[Path, Path]) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter (a Ray of its own) with the repository, images and labels as arguments."""
+    data, labels = folder
+    proc = subprocess.run([sys.executable, "-c", script, str(repo.root), str(data), str(labels)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_ray_workers_equal_one_process(tiny_repo: ModelRepository, image_folder: tuple[Path, Path]) -> None:
     pytest.importorskip("ray")
-    data, labels = image_folder
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_repo.root), str(data), str(labels)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(SCRIPT, tiny_repo, image_folder)
     assert "identical 6" in proc.stdout
 
 
@@ -85,8 +91,5 @@ HELD = textwrap.dedent(
 @pytest.mark.slow
 def test_held_cpus_fail_clearly_after_the_timeout(tiny_repo: ModelRepository, image_folder: tuple[Path, Path]) -> None:
     pytest.importorskip("ray")
-    data, labels = image_folder
-    proc = subprocess.run([sys.executable, "-c", HELD, str(tiny_repo.root), str(data), str(labels)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(HELD, tiny_repo, image_folder)
     assert "could not start a 1-CPU scoring task within 3 s: it has 1 CPUs, 0 free" in proc.stdout, proc.stdout
