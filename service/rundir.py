@@ -54,7 +54,7 @@ def default_run_dir(port: int) -> str:
 def describe(proc: psutil.Process) -> str:
     """``pid 123 (haproxy -db -f ...)``: a process, for one-line messages."""
     try:
-        cmd = " ".join(proc.cmdline()) or proc.name()
+        cmd = " ".join(" ".join(proc.cmdline()).split()) or proc.name()  # one line, whatever the arguments hold
     except psutil.Error:
         cmd = "?"
     return f"pid {proc.pid} ({cmd[:120]})"
