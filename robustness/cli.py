@@ -1,4 +1,4 @@
-"""Sub-commands of this package: ``score``, ``gate``, ``promote``, ``rollback``."""
+"""Sub-commands of this package: ``score``, ``gate``, ``promote``, ``rollback``, ``explain``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def _cmd_score(args: argparse.Namespace) -> int:
     from robustness.document import score_version
     from robustness.protocols import ProtocolConfig
-    from robustness.report import terminal_table, write_html
+    from robustness.report import explanation_summary, terminal_table, write_html
     from robustness.scorer import thumbnails
     from service.core.errors import InvalidInput, ScoreError
     from service.core.repository import ModelRepository, atomic_write_json
@@ -35,6 +35,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ScoreError("use --workers N or --ray-address ADDR, not both")
     if args.ray_timeout <= 0:
         raise InvalidInput(f"--ray-timeout must be > 0 seconds, got {args.ray_timeout:g}")
+    if args.explain < 0:
+        raise ScoreError(f"--explain must be >= 0, got {args.explain}")
     try:
         kwargs: dict[str, Any] = {}
         if args.protocols:
@@ -67,14 +69,32 @@ def _cmd_score(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "robustness.json", doc)
         thumbs = thumbnails(dataset.root, [r["file"] for r in doc["most_flipping"]], repo.card(args.model, version))
-        write_html(doc, out / "report.html", thumbs)
+        explanations = _explain_flips(repo, args, version, doc, dataset) if args.explain else None
+        if explanations is not None:
+            atomic_write_json(out / "explanations.json", explanations.to_dict())
+        write_html(doc, out / "report.html", thumbs, explanations)
     if args.json:
         print(json.dumps(doc))
     else:
         print(terminal_table(doc))
+        if args.out and args.explain:
+            print(explanation_summary(explanations))
         print(f"wrote {repo.version_dir(args.model, version) / 'robustness.json'}"
               + (f" and {Path(args.out) / 'report.html'}" if args.out else ""))
     return 0
+
+
+def _explain_flips(repo: Any, args: argparse.Namespace, version: int, doc: dict[str, Any], dataset: Any) -> Any:
+    """The report step's occlusion maps of the photos that flip most (see robustness.explain.explain_flips)."""
+    from robustness.explain import explain_flips
+    from robustness.scorer import iter_progress
+
+    loaded = repo.load(args.model, version)
+    files = [(item.path, item.label) for item in dataset.items]
+    with iter_progress(len(files), not args.no_progress) as bar:
+        return explain_flips(loaded.onnx_bytes, loaded.card, doc["chosen"], dataset.root, files,
+                             pan_offsets=doc["config"]["pan_offsets"], limit=args.explain, seed=doc["seed"],
+                             progress=bar.update)
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
@@ -121,6 +141,58 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from robustness.explain import OcclusionConfig, describe, occlusion_map, overlay, png_bytes
+    from service.catalog import read_robustness, served_preprocessing
+    from service.core.errors import InvalidInput
+    from service.core.preprocess import Preprocessor, to_original
+    from service.core.repository import ModelRepository
+    from service.core.runtime import Classifier
+
+    repo = ModelRepository(args.repo)
+    version = repo.resolve(args.model, args.version)
+    loaded = repo.load(args.model, version)
+    _, chosen = read_robustness(loaded.path, loaded.sha256)
+    policy, resolution = served_preprocessing(loaded.card, chosen)
+    pre = Preprocessor(loaded.card, policy=policy, resolution=resolution)
+    classifier = Classifier(loaded.onnx_bytes, loaded.card)
+    try:
+        config = OcclusionConfig(size=args.size, stride=args.stride, batch_size=args.batch_size)
+        config.grid(resolution)
+        if args.class_index is not None and not 0 <= args.class_index < loaded.card.num_classes:
+            raise ValueError(f"--class must be in [0, {loaded.card.num_classes}), got {args.class_index}")
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+    image = pre.decode(Path(args.image).read_bytes())
+    view = pre.view(image)
+    omap = occlusion_map(classifier, pre, view.pixels, config,
+                         None if args.class_index is None else [args.class_index])
+    doc = {"model": args.model, "version": version, **describe(omap, loaded.card.labels, pre.background),
+           "preprocess": {"policy": policy, "resolution": resolution, "box": to_original(view.box, image).as_list()}}
+    if args.out:
+        scale = max(1, round(224 / resolution))
+        Path(args.out).write_bytes(png_bytes(overlay(view.pixels, omap.probability[0], omap.grid, scale=scale)))
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    g, ev, cls, pred = doc["grid"], doc["evidence"], doc["class"], doc["prediction"]
+    print(f"{args.model} v{version}  policy={policy} resolution={resolution}  {args.image}")
+    print(f"answer: {pred['index']} {pred['label']} {pred['score']:.3f}")
+    print(f"occlusion: {g['size']} px square of colour {tuple(g['fill'])}, stride {g['stride']}, "
+          f"{g['rows']}x{g['cols']} positions, {g['evaluations']} evaluations in {doc['seconds']:.2f} s")
+    low = cls["score"] - ev["drop"]
+    print(f"evidence for {cls['index']} {cls['label']}: the square at row {ev['row']}, col {ev['col']} "
+          f"(view pixels {ev['box']}) lowers p from {cls['score']:.3f} to {low:.3f}")
+    counts = Counter(int(c) for row in doc["top1"] for c in row)
+    print("top-1 under occlusion: " + ", ".join(f"{c} {doc['labels'][str(c)]} at {n}" for c, n in counts.most_common(4))
+          + f" of {g['rows'] * g['cols']} positions")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ``steady`` parser."""
     p = sub.add_parser("score", help="score shift/scale robustness of a model version",
@@ -148,6 +220,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution-factors", type=_floats, help="FixRes factors (default 0.875,1,1.15,1.3,1.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the robustness.json document")
+    p.add_argument("--explain", type=int, default=8, metavar="N",
+                   help="with --out: occlusion maps of the N photos that flip most under 1-px moves (default 8; "
+                        "0: none). Costs 9 evaluations per photo to find them, then 340 per explained photo at 224 px")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("gate", help="decide whether a scored version may be promoted",
@@ -171,4 +246,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, "none")
     p.add_argument("--reason", default="rollback", help="recorded in the stages history")
     p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("explain", help="occlusion sensitivity map of one image (Zeiler & Fergus)",
+                       description="Slide a square of the card's mean colour over the served view of IMAGE (the policy "
+                                   "and resolution robustness.json chose, as the service does) and report, per "
+                                   "position, the probability of the class and the top-1 class under occlusion.")
+    add_model_args(p)
+    p.add_argument("image", help="image file")
+    p.add_argument("--class", dest="class_index", type=int, help="class of interest (default: the answer)")
+    p.add_argument("--size", type=int, help="square side in input pixels (default 32 at 224 px, scaled)")
+    p.add_argument("--stride", type=int, help="step between positions in input pixels (default 16 at 224 px, scaled)")
+    p.add_argument("--batch-size", type=int, default=32, help="occluded views per ONNX Runtime call (default 32)")
+    p.add_argument("--out", help="write the map over the view, with a colour scale, as PNG here")
+    p.add_argument("--json", action="store_true", help="print the JSON document of POST /v1/models/{m}:explain")
+    p.set_defaults(func=_cmd_explain)
 

@@ -170,8 +170,9 @@ def _thumb_png(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarray] | None = None) -> Path:
-    """Write the self-contained report; returns its path."""
+def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarray] | None = None,
+               explanations: Any = None) -> Path:
+    """Write the self-contained report (with :func:`explanations_html` when ``explanations`` are given)."""
     path = Path(path)
     policies = doc["config"]["policies"]
     e = html.escape
@@ -230,6 +231,8 @@ def write_html(doc: dict[str, Any], path: str | Path, thumbs: dict[str, np.ndarr
             parts.append(f"<tr><td>{img}</td><td>{e(row['file'])}</td><td>{row['label']}</td>"
                          f"<td>{e(str(row['flips']))}</td><td>{e(str(row['top1']))}</td></tr>")
         parts.append("</table>")
+    if explanations is not None:
+        parts.append(explanations_html(explanations))
     t = doc.get("timing", {})
     parts.append(f"<p><small>{t.get('evaluations', 0):.0f} model evaluations in {t.get('seconds', 0):.1f} s; "
                  f"config: <code>{e(str(doc['config']))}</code></small></p></body></html>")
@@ -243,3 +246,73 @@ def _legends(axes: Any) -> None:
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+
+
+# ------------------------------------------------------------------ why answers flip (occlusion maps)
+def explanation_summary(rep: Any) -> str:
+    """One line: the share of flip-prone photos whose evidence lies outside the object region, and the cost."""
+    est = rep.outside
+    share = "-" if est is None else f"{est['value']:.2f} [{est['ci95'][0]:.2f}, {est['ci95'][1]:.2f}] of {est['n']}"
+    g = rep.grid
+    return (f"evidence outside the object box / central crop: {share} explained flip-prone photos "
+            f"(a random position: {rep.chance:.2f}); {rep.flip_prone} of {rep.scanned} photos flip under a 1-px "
+            f"diagonal move ({rep.policy} @ {rep.resolution}); {g.size} px square, stride {g.stride}, "
+            f"{g.rows}x{g.cols} positions; {rep.evaluations} evaluations in {rep.seconds:.1f} s")
+
+
+def _map_img(pixels: np.ndarray, alt: str) -> str:
+    return (f'<img class="explain-map" alt="{html.escape(alt)}" height="150" '
+            f'src="data:image/png;base64,{_thumb_png(pixels)}">')
+
+
+def explanations_html(rep: Any) -> str:
+    """The "Why answers flip" section: for each explained photo its two disagreeing views side by side, each with
+    its answer, the occlusion maps of both competing classes (probability 0..1 with a colour scale) and the top-1
+    class under occlusion; then the summary number. ``rep`` is a :class:`robustness.explain.FlipReport`."""
+    from robustness.explain import overlay, scaled, top1_overlay
+
+    e = html.escape
+    est = rep.outside
+    parts = [
+        "<h2 id='why-flips'>Why answers flip: occlusion sensitivity (Zeiler &amp; Fergus 2014)</h2>",
+        "<p>A square of the model's mean colour slides over the served view; each map shows, for every position "
+        "of the square, the probability of a class (colour scale 0 to 1; dark where hiding that region lowers "
+        "it). <i>Evidence</i> is the position that lowers the view's answer most. The last map is the top-1 "
+        "class under occlusion (blue: the first view's answer, orange: the second's, grey: another class).</p>",
+        "<p class='explain-summary'>Share of flip-prone photos whose evidence lies outside the located object "
+        "box (or, where no object stands out, the central crop: the middle half of each side): "
+        + ("<b>-</b>" if est is None else f"<b>{est['value']:.2f}</b> [{est['ci95'][0]:.2f}, {est['ci95'][1]:.2f}] "
+                                          f"n={est['n']}")
+        + f" (a random position would be outside {rep.chance:.2f}).</p>",
+        f"<p><small>{e(explanation_summary(rep))}</small></p>",
+    ]
+    if not rep.explained:
+        parts.append("<p>No photo flips under a 1-px diagonal move with the served policy: nothing to explain.</p>")
+        return "\n".join(parts)
+    parts.append("<table class='explain'><tr><th>photo</th><th>view</th><th>answer</th><th>input</th>"
+                 "<th>p(first answer)</th><th>p(second answer)</th><th>top-1 under occlusion</th></tr>")
+    scale = max(1, round(224 / rep.resolution))
+    for ex in rep.explained:
+        a, b = ex.classes
+        names = (rep.label(a), rep.label(b))
+        for k, (offset, pixels, omap) in enumerate(zip(ex.offsets, ex.views, ex.maps)):
+            head = ""
+            if k == 0:
+                label = "" if ex.label is None else f"<br>label {ex.label} {e(rep.label(ex.label))}"
+                where = "outside" if ex.outside else "inside"
+                region = "object box" if ex.region_kind == "object" else "central crop"
+                head = (f"<td rowspan='2' class='explain-photo'>{e(ex.file)}{label}<br>{ex.flipping_pairs} of the "
+                        f"diagonal pairs flip<br>evidence {where} the {region}</td>")
+            answer = omap.answer
+            cells = [_map_img(scaled(pixels, scale), f"{ex.file} view {offset}")]
+            for j in range(2):
+                cells.append(_map_img(overlay(pixels, omap.probability[j], omap.grid, scale=scale),
+                                      f"{ex.file} view {offset}: p({names[j]}) under occlusion"))
+            cells.append(_map_img(top1_overlay(pixels, omap, (a, b), scale=scale),
+                                  f"{ex.file} view {offset}: top-1 under occlusion"))
+            parts.append(f"<tr class='explain-view'>{head}<td>shift {offset[0]:+d},{offset[1]:+d} px</td>"
+                         f"<td class='explain-answer'>{answer} {e(rep.label(answer))} ({omap.base[answer]:.2f})</td>"
+                         + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from service.rundir import MARKER, PortUse
+from service.rundir import MARKER, PortUse, free_port
 
 __all__ = ["LOOPBACK", "Binds", "resolve_binds", "is_loopback", "ray_environment", "serve_http_host",
            "write_haproxy_wrapper", "haproxy_frontend_host", "bind_replica_grpc_to_loopback", "MetricsForwarder",
@@ -59,12 +59,6 @@ DRAINING_PERIOD_S = "2"
 
 def is_loopback(host: str | None) -> bool:
     return host is not None and (host == "localhost" or host.startswith("127.") or host == "::1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -111,11 +105,11 @@ def resolve_binds(settings: Any) -> Binds:
         if value is not None:
             return int(value)
         raw = os.environ.get(env, "")
-        return int(raw) if raw.isdigit() else _free_port()
+        return int(raw) if raw.isdigit() else free_port()
 
     return Binds(
         host=settings.host, port=settings.port, metrics_host=metrics_host, metrics_port=settings.metrics_port,
-        ray_metrics_port=settings.metrics_port if direct else _free_port(),
+        ray_metrics_port=settings.metrics_port if direct else free_port(),
         haproxy_stats_port=pick(settings.haproxy_stats_port, "RAY_SERVE_HAPROXY_STATS_PORT"),
         haproxy_metrics_port=pick(settings.haproxy_metrics_port, "RAY_SERVE_HAPROXY_METRICS_PORT"),
         fallback_http_port=pick(settings.fallback_http_port, "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"),

@@ -28,7 +28,7 @@ from service.core.runtime import Classifier, RuntimeOptions
 from service.metrics import Metrics
 from service.settings import ServeSettings
 
-__all__ = ["ServedVersion", "Catalog", "CatalogLoader", "load_version", "read_robustness"]
+__all__ = ["ServedVersion", "Catalog", "CatalogLoader", "load_version", "read_robustness", "served_preprocessing"]
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,23 @@ def read_robustness(version_dir: Any, sha256: str) -> tuple[dict[str, Any] | Non
     return summary, chosen
 
 
-def load_version(repo: ModelRepository, model: str, version: int, stage: str, settings: ServeSettings) -> ServedVersion:
-    """Load (checksum-verified), build the preprocessing and warm up at every batch size. Blocking."""
-    loaded = repo.load(model, version)
-    card = loaded.card
-    summary, chosen = read_robustness(loaded.path, loaded.sha256)
+def served_preprocessing(card: ModelCard, chosen: dict[str, Any] | None) -> tuple[str, int]:
+    """(policy, resolution) a version is served with: robustness.json's ``chosen``, else the card's."""
     policy, resolution = card.policy, card.resolution
     if chosen:
         if chosen.get("policy") in ("center", "object"):
             policy = chosen["policy"]
         if isinstance(chosen.get("resolution"), int) and chosen["resolution"] >= 8:
             resolution = chosen["resolution"]
+    return policy, resolution
+
+
+def load_version(repo: ModelRepository, model: str, version: int, stage: str, settings: ServeSettings) -> ServedVersion:
+    """Load (checksum-verified), build the preprocessing and warm up at every batch size. Blocking."""
+    loaded = repo.load(model, version)
+    card = loaded.card
+    summary, chosen = read_robustness(loaded.path, loaded.sha256)
+    policy, resolution = served_preprocessing(card, chosen)
     classifier = Classifier(
         loaded.onnx_bytes, card,
         RuntimeOptions(provider=settings.provider, intra_op_threads=settings.ort_threads, inter_op_threads=1,

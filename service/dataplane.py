@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
+from robustness.explain import OcclusionConfig, assemble, describe, occluded, overlay, png_bytes
 from service import v2
 from service.catalog import Catalog, CatalogLoader, ServedVersion
 from service.core.boxes import shift_box, zoom_box
@@ -366,3 +367,69 @@ class DataPlane:
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(0.0, deadline - loop.time()))
         return self.active
+
+    # ------------------------------------------------------------------ explain (occlusion sensitivity)
+    explain_inflight: int = 0  # ``:explain`` requests holding a slot (apart from ``inflight``)
+
+    def admit_explain(self) -> None:
+        """Take one of the ``max_explain_inflight`` slots (503 beyond); classify's slots are not touched."""
+        if not self.ready:
+            raise Overloaded("models are still loading")
+        if self.explain_inflight >= self.settings.max_explain_inflight:
+            raise Overloaded(f"over {self.settings.max_explain_inflight} explain requests in flight on this replica; "
+                             "retry later (classify is not affected)")
+        self.explain_inflight += 1
+
+    def release_explain(self) -> None:
+        self.explain_inflight -= 1
+
+    async def explain(self, model: str, data: bytes, *, version: str | None = None, class_index: int | None = None,
+                      size: int | None = None, stride: int | None = None, png: bool = False,
+                      ) -> tuple[ServedVersion, dict[str, Any], bytes | None]:
+        """Occlusion sensitivity of one image's served view -> (served version, JSON document, PNG or None).
+
+        The version is production unless one is asked for (no canary draw: an explanation names what it
+        explains). The occluded views go through ``infer`` (the deployment's ``@serve.batch`` queue) in chunks
+        of ``max_batch_size``, so classify requests interleave with an explanation instead of queueing behind
+        its ~170 inferences.
+        """
+        served = self.lookup(model, version)
+        try:
+            grid = OcclusionConfig(size=size, stride=stride).grid(served.resolution)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        if class_index is not None and not 0 <= class_index < served.card.num_classes:
+            raise InvalidInput(f"class must be in [0, {served.card.num_classes}), got {class_index}")
+        loop = asyncio.get_running_loop()
+        prepared, view = await loop.run_in_executor(self.executor, self._explain_view, served, data)
+        start = time.perf_counter()
+        base = await self.infer(served, prepared.tensor)
+        rows: list[np.ndarray] = []
+        step = self.settings.max_batch_size
+        for first in range(0, grid.cells, step):
+            cells = range(first, min(first + step, grid.cells))
+            batch = await loop.run_in_executor(
+                self.executor, lambda c=cells: served.pre.to_tensor(occluded(view, grid, served.pre.background, c)))
+            rows.extend(await asyncio.gather(*(self.infer(served, t) for t in batch)))
+        omap = assemble(grid, base, np.stack(rows), None if class_index is None else [class_index],
+                        time.perf_counter() - start)
+        doc = {"model": served.model, "version": served.version, "stage": served.stage,
+               **describe(omap, served.card.labels, served.pre.background),
+               "preprocess": {"policy": served.policy, "resolution": served.resolution,
+                              "box": to_original(prepared.box, prepared.image).as_list()}}
+        picture = None
+        if png:
+            scale = max(1, round(224 / served.resolution))
+            picture = await loop.run_in_executor(
+                self.executor, lambda: png_bytes(overlay(view, omap.probability[0], grid, scale=scale)))
+        return served, doc, picture
+
+    def _explain_view(self, served: ServedVersion, data: bytes) -> tuple[Prepared, np.ndarray]:
+        """Decode and render the served view once: its uint8 pixels are what the square is painted on."""
+        start = time.perf_counter()
+        image = served.pre.decode(data)
+        view = served.pre.view(image)
+        prepared = Prepared(image, view.box, served.pre.to_tensor(view.pixels[None])[0])
+        self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
+        return prepared, view.pixels
+

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from service.core.errors import SteadyError
-from service.rundir import RunDir, kill_processes, run_processes
+from service.rundir import RunDir, free_port, kill_processes, run_processes
 
 __all__ = ["ServeProcess", "free_port", "isolated_environment", "KILL_MODES", "Listening"]
 
@@ -41,13 +41,6 @@ SIGKILL to the group or to the main process only, and SIGKILL of the main proces
 
 _PORT_SETTINGS = ("port", "metrics_port", "haproxy_stats_port", "haproxy_metrics_port", "fallback_http_port",
                   "fallback_grpc_port")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def isolated_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:

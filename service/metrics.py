@@ -22,6 +22,8 @@ labels ``Component``, ``NodeAddress``, ``SessionName``, ``Version``, ``WorkerId`
     ray_steady_shadow_checks_total{model,version,candidate}       production answers also scored by the candidate
     ray_steady_shadow_agreements_total{model,version,candidate}   ... where the candidate's top-1 agreed
     ray_steady_background_dropped_total{kind}                     shadow/live side tasks dropped (too many in flight)
+    ray_steady_explain_requests_total{model,version,code}         ``:explain`` requests (not in steady_requests_total)
+    ray_steady_explain_latency_seconds_bucket/_sum/_count{model,version}   whole explain request in the replica
     ray_steady_model_info{model,version,stage,policy,resolution,sha256}   1 while served, 0 after unloading
     ray_steady_robustness_<key>{model,version,policy}             one gauge per key of robustness.json ``summary``
     ray_steady_robustness_scored{model,version,policy}            1 when the served version has a bound robustness.json, else 0
@@ -69,12 +71,14 @@ from typing import Any, Mapping
 __all__ = [
     "LATENCY_BUCKETS",
     "BATCH_BUCKETS",
+    "EXPLAIN_BUCKETS",
     "Metrics",
     "robustness_metric_name",
 ]
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+EXPLAIN_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0]
 
 _COUNTERS = {
     "steady_requests": ("Requests answered, by final HTTP status code", ("model", "version", "stage", "code")),
@@ -83,6 +87,7 @@ _COUNTERS = {
     "steady_shadow_checks": ("Production answers also scored by the shadow candidate", ("model", "version", "candidate")),
     "steady_shadow_agreements": ("Shadow scores whose top-1 agreed with production", ("model", "version", "candidate")),
     "steady_background_dropped": ("Side tasks (shadow, live) dropped because too many were in flight", ("kind",)),
+    "steady_explain_requests": ("Explain requests answered, by final HTTP status code", ("model", "version", "code")),
 }
 _HISTOGRAMS = {
     "steady_request_latency_seconds": ("Request latency inside the replica", ("model", "version", "stage"), LATENCY_BUCKETS),
@@ -90,6 +95,8 @@ _HISTOGRAMS = {
     "steady_inference_seconds": ("ONNX Runtime time per batch", ("model", "version"), LATENCY_BUCKETS),
     "steady_batch_size": ("Images per ONNX Runtime call", ("model", "version"), BATCH_BUCKETS),
     "steady_queue_seconds": ("Time waiting in the batch queue", ("model", "version"), LATENCY_BUCKETS),
+    "steady_explain_latency_seconds": ("Explain request latency inside the replica", ("model", "version"),
+                                       EXPLAIN_BUCKETS),
 }
 _GAUGES = {
     "steady_model_info": ("1 while a model version is served (labels say its stage and preprocessing)",
@@ -229,6 +236,12 @@ class Metrics:
                 except ValueError:
                     continue
                 self._backend.set(name, tags, float(value))
+
+    def explain(self, model: str, version: str, code: int, latency_s: float) -> None:
+        """One ``:explain`` request (kept apart from ``steady_requests``: an explain costs ~170 inferences and
+        would swamp the classify latency histogram)."""
+        self._backend.inc("steady_explain_requests", {"model": model, "version": version, "code": str(code)})
+        self._backend.observe("steady_explain_latency_seconds", {"model": model, "version": version}, latency_s)
 
     # ------------------------------------------------------------- reading (memory backend)
     def count(self, name: str, **tags: str) -> float:

@@ -140,12 +140,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
     async def classify(request: Request) -> Response:
         model = request.path_params["model"]
         content_type = request.headers.get("content-type", "")
-        media = content_type.split(";", 1)[0].strip().lower()
-        if not (media.startswith("image/") or media in ("application/octet-stream", "multipart/form-data")):
-            raise UnsupportedMediaType(
-                f"unsupported Content-Type {content_type[:60]!r}: send the image with Content-Type image/* "
-                "or as multipart/form-data field 'image'"
-            )
+        media = _image_media(request)
         top_raw = request.query_params.get("top_k", "5")
         if not (top_raw.isascii() and top_raw.isdigit()) or len(top_raw) > 4:  # "²".isdigit() is True
             raise InvalidInput(f"top_k must be a positive integer, got {top_raw[:20]!r}")
@@ -223,6 +218,57 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         return Response(payload, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(json_length)})
 
+    # ----------------------------------------------------------------- explain
+    def _explain_int(request: Request, name: str) -> int | None:
+        raw = request.query_params.get(name)
+        if raw is None or raw == "":
+            return None
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
+            raise InvalidInput(f"{name} must be a non-negative integer, got {raw[:20]!r}")
+        return int(raw)
+
+    async def explain(request: Request) -> Response:
+        """Occlusion sensitivity (``:explain``): its own admission slots and its own metrics."""
+        start = time.perf_counter()
+        model = str(request.path_params.get("model", ""))
+        labels = {"model": model if model in plane.catalog.models else "_unknown", "version": "none"}
+        code, admitted, entered = 500, False, False
+        try:
+            plane.enter()  # 503 once draining (SIGTERM), like classify
+            entered = True
+            media = _image_media(request)
+            params = {"class_index": _explain_int(request, "class"), "size": _explain_int(request, "size"),
+                      "stride": _explain_int(request, "stride")}
+            version = request.query_params.get("version") or None
+            plane.lookup(model, version)  # 404 before reading a large body
+            if plane.explain_inflight >= settings.max_explain_inflight:
+                plane.admit_explain()  # 503 + Retry-After without reading the body
+            body = await read_body(request)
+            plane.admit_explain()
+            admitted = True
+            if media == "multipart/form-data":
+                body = parse_multipart_image(request.headers.get("content-type", ""), body)
+            png = _prefers_png(request.headers.get("accept", ""))
+            served, doc, picture = await plane.explain(model, body, version=version, png=png, **params)
+            labels["version"] = str(served.version)
+            code = 200
+            if picture is not None:
+                return Response(picture, media_type="image/png", headers={
+                    "X-Steady-Prediction": str(doc["prediction"]["index"]), "X-Steady-Class": str(doc["class"]["index"])})
+            return _json(doc)
+        except SteadyError as exc:
+            code = exc.status
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered as 500 JSON, never crashes the replica
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            raise SteadyError(f"internal error: {type(exc).__name__}") from exc
+        finally:
+            if entered:
+                plane.leave()
+            if admitted:
+                plane.release_explain()
+            metrics.explain(labels["model"], labels["version"], code, time.perf_counter() - start)
+
     # ----------------------------------------------------------------- errors
     async def steady_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SteadyError)
@@ -259,8 +305,41 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
             Route(base + "/config", v2_config, methods=["GET"]),
             Route(base + "/infer", v2_infer, methods=["POST"]),
         ]
+    routes.append(Route("/v1/models/{model}:explain", explain, methods=["POST"]))
     routes.append(Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]))
     return Starlette(
         routes=routes,
         exception_handlers={SteadyError: steady_error, HTTPException: http_error, Exception: server_error},
     )
+
+
+def _image_media(request: Request) -> str:
+    """The media type of an image body (image/*, application/octet-stream or multipart/form-data), else 415."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if not (media.startswith("image/") or media in ("application/octet-stream", "multipart/form-data")):
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {content_type[:60]!r}: send the image with Content-Type image/* "
+            "or as multipart/form-data field 'image'"
+        )
+    return media
+
+
+def _prefers_png(accept: str) -> bool:
+    """Whether an Accept header asks for image/png over application/json (by q-value; ties: the first listed)."""
+    best: dict[str, tuple[float, int]] = {}
+    for position, item in enumerate(accept.lower().split(",")):
+        media, *options = [part.strip() for part in item.split(";")]
+        q = 1.0
+        for option in options:
+            key, _, value = option.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media in ("image/png", "application/json") and media not in best:
+            best[media] = (q, -position)
+    png = best.get("image/png")
+    return png is not None and png[0] > 0 and png > best.get("application/json", (0.0, -1_000_000))
+

@@ -38,7 +38,7 @@ import psutil
 from service.core.errors import PortInUse, RunDirBusy
 
 __all__ = ["MARKER", "RunDir", "PortUse", "default_run_dir", "run_processes", "kill_processes", "check_ports",
-           "port_holder", "describe"]
+           "port_holder", "describe", "free_port"]
 
 MARKER = "STEADY_RUN_OWNER"  # environment variable every process of a run inherits: its run directory
 STATE_FILE = "state.json"
@@ -54,7 +54,7 @@ def default_run_dir(port: int) -> str:
 def describe(proc: psutil.Process) -> str:
     """``pid 123 (haproxy -db -f ...)``: a process, for one-line messages."""
     try:
-        cmd = " ".join(proc.cmdline()) or proc.name()
+        cmd = " ".join(" ".join(proc.cmdline()).split()) or proc.name()  # one line, whatever the arguments hold
     except psutil.Error:
         cmd = "?"
     return f"pid {proc.pid} ({cmd[:120]})"
@@ -211,6 +211,13 @@ class RunDir:
 
 
 # --------------------------------------------------------------------- ports
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass(frozen=True)
 class PortUse:
     """A port this run will bind: the setting that chose it, the address and the port."""

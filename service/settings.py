@@ -90,6 +90,8 @@ class ServeSettings(BaseModel):
         max_heavy_decodes: expensive images waiting or decoding per replica; more get 503 + Retry-After.
         max_webp_pixels: WebP images over this pixel count get 413 (libwebp decodes in one call that keeps
             Python's GIL: ~10 ms per megapixel during which no other thread of the replica runs).
+        max_explain_inflight: per replica, ``:explain`` requests in flight (each costs ~170 inferences at
+            224 px); over it an explain gets 503 + Retry-After while ``:classify`` keeps its own ``max_inflight``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -140,6 +142,7 @@ class ServeSettings(BaseModel):
     heavy_decode_pixels: int = Field(4_000_000, ge=1)
     max_heavy_decodes: int = Field(8, ge=1)
     max_webp_pixels: int = Field(4_000_000, ge=1)
+    max_explain_inflight: int = Field(2, ge=1)
 
     @field_validator("autoscaling")
     @classmethod

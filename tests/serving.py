@@ -85,6 +85,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: bytes, request:
         "admin_token": ADMIN_TOKEN, "seed": 0, "decode_threads": 2,
         # two replicas, so reload propagation and metric aggregation are exercised
         "num_replicas": 2, "replica_cpus": 1.0, "ort_threads": 1,
+        "max_explain_inflight": 1,  # one :explain per replica, so the explain limit can be reached
     })
     # HAProxy's stats/metrics ports are fixed by default: keep parallel Ray instances apart
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))

@@ -61,6 +61,8 @@ def test_drain_refuses_new_requests_and_finishes_the_ones_inside(tiny_repo: Mode
             assert "shutting down" in refused.json()["error"]
             v2 = await client.post("/v2/models/tiny/infer", content=b"{}")
             assert v2.status_code == 503
+            explain = await client.post("/v1/models/tiny:explain", content=photo, headers={"Content-Type": "image/jpeg"})
+            assert explain.status_code == 503 and explain.headers["Retry-After"] == "3"
             idle = asyncio.ensure_future(plane.wait_idle(5.0))
             await asyncio.sleep(0.1)
             assert not idle.done()  # still waiting for the request inside

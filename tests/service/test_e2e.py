@@ -69,6 +69,11 @@ def test_lite0_coffee_is_espresso(service: Service, coffee_jpeg: bytes, lite0_re
         shutil.copytree(lite_repo.model_dir(name), service.repo.root / name, ignore=shutil.ignore_patterns(".lock"))
         r = httpx.post(f"{service.base}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120)
         assert r.status_code == 200 and not r.json()["errors"], r.text
+        # the other replica follows within its reload poll (service/deployment.py RELOAD_POLL_S) plus the load
+        deadline = time.monotonic() + 120
+        while not all(classify(service, name, coffee_jpeg).status_code == 200 for _ in range(4)):
+            assert time.monotonic() < deadline, "the second replica never served the reloaded model"
+            time.sleep(1.0)
     r = classify(service, name, coffee_jpeg, top_k=5)
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][0]["index"] == 967

@@ -108,7 +108,7 @@ def test_a_taken_port_names_its_holder(spawned: list) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = (f"import socket, time; s = socket.socket(); s.bind(('0.0.0.0', {port})); s.listen(); "
+    code = (f"import socket, time\ns = socket.socket(); s.bind(('0.0.0.0', {port})); s.listen()\n"  # newlines too
             "print('up', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     spawned.append(holder)
