@@ -29,11 +29,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from robustness.remedies import RemedyRule
     from robustness.report import explanation_summary, terminal_table, write_html
     from robustness.scorer import thumbnails
-    from service.core.errors import ScoreError
+    from service.core.errors import InvalidInput, ScoreError
     from service.core.repository import ModelRepository, atomic_write_json
 
     if args.workers and args.ray_address:
         raise ScoreError("use --workers N or --ray-address ADDR, not both")
+    if args.ray_timeout <= 0:
+        raise InvalidInput(f"--ray-timeout must be > 0 seconds, got {args.ray_timeout:g}")
     if args.explain < 0:
         raise ScoreError(f"--explain must be >= 0, got {args.explain}")
     try:
@@ -65,7 +67,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                         args.max_images, args.workers, args.ray_address,
                                         progress=not args.no_progress, batch_size=args.batch_size,
                                         remedy_rule=remedy_rule, half=args.half, split_seed=args.split_seed,
-                                        preprocess_device=args.preprocess_device)
+                                        preprocess_device=args.preprocess_device, ray_timeout_s=args.ray_timeout)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
     if args.out:
         out = Path(args.out)
@@ -217,6 +219,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for positions, offsets and bootstrap (default 0)")
     p.add_argument("--workers", type=int, default=0, help="shard images over N local Ray workers")
     p.add_argument("--ray-address", help="shard images over an existing Ray cluster")
+    p.add_argument("--ray-timeout", type=float, default=60.0,
+                   help="fail when the Ray cluster cannot start a scoring task within S seconds (default 60)")
     p.add_argument("--batch-size", type=int, default=32, help="views per ONNX Runtime call (default 32)")
     p.add_argument("--translate-frames", type=int, help="ImageNet-P translate frames (default 9; the paper: 41)")
     p.add_argument("--zoom-range", type=float, nargs=2, metavar=("START", "STOP"),

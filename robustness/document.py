@@ -24,20 +24,22 @@ def score_version(repo: Any, model: str, version: int, data: str, labels: str | 
                          seed: int, max_images: int | None, workers: int = 0, ray_address: str | None = None,
                          progress: bool = False, batch_size: int = 32,
                          remedy_rule: RemedyRule = RemedyRule(), half: str | None = None,
-                         split_seed: int = 0, preprocess_device: str = "cpu") -> tuple[dict[str, Any], Dataset]:
+                         split_seed: int = 0, preprocess_device: str = "cpu",
+                         ray_timeout_s: float = 60.0) -> tuple[dict[str, Any], Dataset]:
     """Score a stored version and return the robustness.json document (and the dataset).
 
     ``remedies`` holds every ensemble variant against its bare policy; ``chosen.ensemble`` the one the
     cost rule picked (its measurements replace the bare policy's in ``summary``). ``half`` scores one
     half of the seeded split only; a quantized version is never scored on its calibration photos.
     ``preprocess_device``: who decodes and resamples the views (cpu: Pillow; gpu or dali-cpu: DALI).
+    ``ray_timeout_s``: with Ray, fail when no 1-CPU task can start within this.
     """
 
     loaded = repo.load(model, version)
     card = loaded.card
     calibrated = frozenset(card.quantization.calibration_sha256) if card.quantization else frozenset()
     dataset = load_dataset(data, labels, max_images, half=half, split_seed=split_seed, exclude_sha256=calibrated)
-    options = ScoreOptions(batch_size=batch_size, preprocess_device=preprocess_device)
+    options = ScoreOptions(batch_size=batch_size, preprocess_device=preprocess_device, ray_timeout_s=ray_timeout_s)
     with iter_progress(len(dataset.items), progress) as bar:
         if workers > 0 or ray_address:
             records, timing = run_ray(loaded.onnx_bytes, card, dataset, config, seed, options, max(workers, 1),

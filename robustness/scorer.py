@@ -22,6 +22,7 @@ from service.core.card import ModelCard
 from service.core.boxes import render
 from service.core.preprocess import Preprocessor, normalise
 from service.core.runtime import Classifier, RuntimeOptions, softmax
+from service.core.errors import ClusterUnavailable
 
 __all__ = ["ScoreOptions", "score_items", "aggregate", "choose", "CHOICE_RULE"]
 
@@ -34,6 +35,7 @@ class ScoreOptions:
     overlap: bool = True   # prepare the next batches in a thread while ORT runs
     share: bool = True     # shared views, Renderer, specialised sessions (False: the unoptimised reference)
     preprocess_device: str = "cpu"  # cpu (Pillow) | gpu | dali-cpu: who decodes and resamples (service.core.devices)
+    ray_timeout_s: float = 60.0  # Ray: fail when no 1-CPU task can start within this (the cluster's CPUs are held)
 
 
 def _record(item: Item, plan: ImagePlan, probs: dict[Any, np.ndarray]) -> dict[str, Any]:
@@ -472,6 +474,7 @@ def run_ray(onnx_bytes: bytes, card: ModelCard, dataset: Dataset, config: Protoc
                      log_to_driver=False)
         started = True
     try:
+        _wait_for_a_cpu(ray, options.ray_timeout_s, address)
         task = ray.remote(num_cpus=1)(score_items)
         model_ref = ray.put(onnx_bytes)
         t0 = time.perf_counter()
@@ -497,6 +500,24 @@ def run_ray(onnx_bytes: bytes, card: ModelCard, dataset: Dataset, config: Protoc
     finally:
         if started:
             ray.shutdown()
+
+
+def _wait_for_a_cpu(ray: Any, timeout_s: float, address: str | None) -> None:
+    """Start one 1-CPU task first: on a cluster whose CPUs are all held (Serve replicas, other jobs) the shards
+    would wait forever, so fail after ``timeout_s`` with what the cluster has instead."""
+    probe = ray.remote(num_cpus=1)(_nothing).remote()
+    done, _ = ray.wait([probe], timeout=timeout_s)
+    if done:
+        return
+    ray.cancel(probe)
+    total, free = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
+    raise ClusterUnavailable(f"the Ray cluster {address or '(local)'} could not start a 1-CPU scoring task within "
+                     f"{timeout_s:g} s: it has {total:g} CPUs, {free:g} free (Serve replicas or other jobs hold "
+                     f"them); free CPUs, add nodes, or wait longer with --ray-timeout")
+
+
+def _nothing() -> None:
+    return None
 
 
 def iter_progress(total: int, enabled: bool) -> Any:

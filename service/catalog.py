@@ -136,7 +136,8 @@ def load_version(repo: ModelRepository, model: str, version: int, stage: str, se
     except InvalidInput as exc:  # a malformed chosen.ensemble: serve the bare policy, like an unusable robustness.json
         log.warning("ignoring the ensemble of %s/%s: %s", model, version, exc)
         ensemble = None
-    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels, ensemble=ensemble)
+    pre = Preprocessor(card, policy=policy, resolution=resolution, max_pixels=settings.max_pixels, ensemble=ensemble,
+                       budget_s=settings.decode_budget_s, max_webp_pixels=settings.max_webp_pixels)
     for size in settings.batch_sizes_to_warm:
         warm = np.zeros((size, 3, resolution, resolution), dtype=np.float32)
         logits = classifier.logits(warm)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
@@ -34,7 +36,7 @@ from service.core.boxes import Box, shift_box, zoom_box
 from service.core.ensemble import as_logits, margin
 from service.core.errors import ImageTooLarge, InvalidInput, Overloaded, VersionNotFound
 from service.core.gpu_preprocess import Planned
-from service.core.preprocess import Prepared, to_original
+from service.core.preprocess import Opened, Prepared, to_original
 from service.core.repository import ModelRepository, parse_version, validate_name
 from service.core.runtime import softmax
 from service.metrics import Metrics
@@ -53,6 +55,15 @@ decoded, resampled and classified on the device (versions with ``device_pre``)."
 
 MAX_V2_BATCH = 64
 ENSEMBLE_V2_IMAGES = 8  # decoded images one V2 request holds at once while its ensemble may need copies
+HEAVY_NICE = 10  # nice value of the heavy-decode thread: ~10% of a core while other work wants the CPU
+
+
+def _lower_priority() -> None:
+    """Run this thread at nice HEAVY_NICE (Linux: a thread's nice value is its own)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HEAVY_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: keep the priority
+        pass
 
 
 class DataPlane:
@@ -73,12 +84,17 @@ class DataPlane:
         self.repo = repo
         self.metrics = metrics
         self.executor = executor or ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="steady-pre")
+        # expensive images (Opened.heavy) decode here: one at a time, at a lower CPU priority
+        self.heavy_executor = ThreadPoolExecutor(1, thread_name_prefix="steady-heavy", initializer=_lower_priority)
+        self.heavy_waiting = 0
         self.infer: InferFn = infer or self._direct_infer
         self.rng = rng or random.Random(settings.seed)
         self.loader = CatalogLoader(repo, settings, metrics)
         self.catalog = Catalog({})
         self.ready = False
         self.inflight = 0
+        self.active = 0  # inference requests inside the routes (admitted or not yet); drained on SIGTERM
+        self.draining = False
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self.after_reload = after_reload
@@ -215,12 +231,34 @@ class DataPlane:
         return as_logits(probs), info
 
     async def _prepare(self, served: ServedVersion, data: bytes) -> Prepared:
-        if len(data) <= self.settings.inline_decode_bytes:  # tiny work: a thread hop would cost more than it
-            return self._prepare_sync(served, data)
+        """Decode and preprocess in the decode threads (bodies up to ``inline_decode_bytes`` on the event loop:
+        a thread hop would cost more than the work); an expensive image (its header says so) moves to the
+        heavy lane (one low-priority thread, at most ``max_heavy_decodes`` waiting: 503 beyond)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._prepare_sync, served, data)
+        if len(data) <= self.settings.inline_decode_bytes:
+            result = self._prepare_light(served, data)
+        else:
+            result = await loop.run_in_executor(self.executor, self._prepare_light, served, data)
+        if isinstance(result, Prepared):
+            return result
+        if self.heavy_waiting >= self.settings.max_heavy_decodes:
+            raise Overloaded(f"over {self.settings.max_heavy_decodes} large images being decoded; retry later")
+        self.heavy_waiting += 1
+        try:
+            return await loop.run_in_executor(self.heavy_executor, self._prepare_sync, served, result)
+        finally:
+            self.heavy_waiting -= 1
 
-    def _prepare_sync(self, served: ServedVersion, data: bytes) -> Prepared:
+    def _prepare_light(self, served: ServedVersion, data: bytes) -> Prepared | Opened:
+        start = time.perf_counter()
+        opened = served.pre.open(data)
+        if opened.heavy(self.settings.heavy_decode_pixels):
+            return opened
+        prepared = served.pre.process(opened)
+        self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
+        return prepared
+
+    def _prepare_sync(self, served: ServedVersion, data: bytes | Opened) -> Prepared:
         start = time.perf_counter()
         prepared = served.pre.process(data)
         self.metrics.preprocess(served.model, str(served.version), time.perf_counter() - start)
@@ -384,6 +422,30 @@ class DataPlane:
                 outputs.append(v2.OutputTensor("logits", "FP32", tuple(logits.shape), array=logits))
             binary.append(bool(as_binary))
         return outputs, binary
+
+    # ------------------------------------------------------------------ drain (SIGTERM, service.drain)
+    def enter(self) -> None:
+        """An inference request arrives: 503 + Retry-After once draining, else counted until :meth:`leave`."""
+        if self.draining:
+            raise Overloaded("shutting down: retry, another instance will answer")
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+
+    def begin_drain(self) -> None:
+        """Readiness and admission turn to 503; requests already inside keep going."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> int:
+        """Wait (at most ``timeout`` s) until no request is inside, then for side tasks; returns those left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=max(0.0, deadline - loop.time()))
+        return self.active
 
     # ------------------------------------------------------------------ explain (occlusion sensitivity)
     explain_inflight: int = 0  # ``:explain`` requests holding a slot (apart from ``inflight``)

@@ -28,7 +28,9 @@ import numpy as np
 import ray
 from ray import serve
 
+from service.binds import bind_replica_grpc_to_loopback
 from service.catalog import ServedVersion
+from service.drain import start_drain_watch
 from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.core.devices import gpu_readings
@@ -66,6 +68,7 @@ class SteadyServer:
     """Loads, verifies and warms every served version in ``__init__``: a replica is ready only after."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
+        bind_replica_grpc_to_loopback()  # before Serve starts the replica's gRPC server (service/binds.py)
         self.settings = ServeSettings.from_dict(settings)
         self.metrics = Metrics("ray")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="steady-ort")
@@ -85,6 +88,7 @@ class SteadyServer:
                 lifetime="detached").remote()
             self._seen_generation = await self._generation.get.remote()
         self._gauges = asyncio.get_running_loop().create_task(self._background_loop())
+        self._drain_watch = start_drain_watch(self.plane, self.settings.app_name)  # SIGTERM of steady serve
         log.info("steady replica ready: %s", {m: {s: v.version for s, v in st.items()}
                                               for m, st in self.plane.catalog.models.items()})
 

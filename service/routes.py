@@ -102,7 +102,10 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
             request.state.labels = labels
             request.state.admitted = False
             code = 500
+            entered = False
             try:
+                plane.enter()  # 503 once draining (SIGTERM)
+                entered = True
                 response = await handler(request)
                 code = response.status_code
                 return response
@@ -114,6 +117,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
                 code = 500
                 raise SteadyError(f"internal error: {type(exc).__name__}") from exc
             finally:
+                if entered:
+                    plane.leave()
                 if request.state.admitted:
                     plane.release()
                 metrics.request(model, labels["version"], labels["stage"], code, time.perf_counter() - start)
@@ -174,6 +179,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         return _json({"live": True})
 
     async def ready(request: Request) -> Response:
+        if plane.draining:
+            return _json({"ready": False, "error": "shutting down"}, status=503)
         if not plane.ready:
             return _json({"ready": False, "error": "models are still loading"}, status=503)
         return _json({"ready": True})
@@ -189,7 +196,7 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
 
     async def v2_model_ready(request: Request) -> Response:
         _served(request)
-        if not plane.ready:
+        if not plane.ready or plane.draining:
             return _json({"ready": False}, status=503)
         return _json({"name": request.path_params["model"], "ready": True})
 
@@ -229,8 +236,10 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
         start = time.perf_counter()
         model = str(request.path_params.get("model", ""))
         labels = {"model": model if model in plane.catalog.models else "_unknown", "version": "none"}
-        code, admitted = 500, False
+        code, admitted, entered = 500, False, False
         try:
+            plane.enter()  # 503 once draining (SIGTERM), like classify
+            entered = True
             media = _image_media(request)
             params = {"class_index": _explain_int(request, "class"), "size": _explain_int(request, "size"),
                       "stride": _explain_int(request, "stride")}
@@ -258,6 +267,8 @@ def build_routes(plane: DataPlane, settings: ServeSettings, metrics: Metrics) ->
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             raise SteadyError(f"internal error: {type(exc).__name__}") from exc
         finally:
+            if entered:
+                plane.leave()
             if admitted:
                 plane.release_explain()
             metrics.explain(labels["model"], labels["version"], code, time.perf_counter() - start)

@@ -26,8 +26,9 @@ def proxy_environment(proxy: str) -> dict[str, str]:
     return {}
 
 
-def start_ray(settings: Any, system_config: dict[str, Any] | None = None) -> None:
-    """``ray.init`` with a small object store, no dashboard, the metrics port fixed."""
+def start_ray(settings: Any, system_config: dict[str, Any] | None = None, *, metrics_export_port: int | None = None) -> None:
+    """``ray.init`` with a small object store, no dashboard, the metrics port fixed (``metrics_export_port``
+    when Steady forwards ``metrics_port`` to Ray's agent, see :mod:`service.binds`)."""
     for key, value in proxy_environment(settings.proxy).items():
         os.environ.setdefault(key, value)  # before ray.serve reads its constants; workers inherit it
     os.environ.setdefault("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE", "1")
@@ -35,6 +36,12 @@ def start_ray(settings: Any, system_config: dict[str, Any] | None = None) -> Non
     # the GCS traffic it causes. Every 0.5 s: 0.013 core, ready time unchanged (measured,
     # README.md, "Performance"). Only when Steady starts Ray; the environment overrides it.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", CONTROL_LOOP_INTERVAL_S)
+    if not settings.ray_address:
+        # Serve keeps a stopping ingress replica reachable for this long behind HAProxy (default 30 s):
+        # every serve.shutdown() took 30 s and lost the race with ray.shutdown() in stop_service
+        from service.binds import DRAINING_PERIOD_S
+
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", DRAINING_PERIOD_S)
     import ray
 
     if settings.ray_address:
@@ -43,21 +50,25 @@ def start_ray(settings: Any, system_config: dict[str, Any] | None = None) -> Non
         ray.init(
             object_store_memory=settings.object_store_mb * 1024 * 1024,
             include_dashboard=False,
-            _metrics_export_port=settings.metrics_port,
+            _metrics_export_port=metrics_export_port or settings.metrics_port,
             log_to_driver=False,
             configure_logging=False,
             _system_config=system_config,
         )
 
 
-def run_service(settings: Any) -> float:
-    """Deploy the application on a running Ray; returns seconds until every replica was ready."""
+def run_service(settings: Any, http_host: str | None = None) -> float:
+    """Deploy the application on a running Ray; returns seconds until every replica was ready.
+
+    ``http_host``: Serve's ``http_options.host`` when it differs from ``settings.host`` (behind Steady's
+    HAProxy wrapper, :func:`service.binds.serve_http_host`).
+    """
     from ray import serve
 
     from service.app import application
 
     start = time.perf_counter()
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": http_host or settings.host, "port": settings.port})
     serve.run(application(settings), name=settings.app_name, route_prefix="/", blocking=False)
     wait_ready(f"http://{client_host(settings.host)}:{settings.port}/v2/health/ready", timeout=120)
     return time.perf_counter() - start
@@ -121,11 +132,15 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def preflight(settings: Any) -> list[tuple[str, int]]:
-    """Verify in the driver what the replicas will load, to fail fast with a clear message."""
+def preflight(settings: Any, *, check_ports: bool = True) -> list[tuple[str, int]]:
+    """Verify in the driver what the replicas will load, to fail fast with a clear message.
+
+    ``check_ports=False`` when the caller checks every port itself (``steady serve``, after cleaning up
+    its run directory: :func:`service.rundir.check_ports`).
+    """
     from service.core.repository import ModelRepository
 
-    if not settings.ray_address:
+    if not settings.ray_address and check_ports:
         # a busy metrics port makes Ray's agent (and with it the raylet) die during ray.init
         for what, host, port in (("HTTP", settings.host, settings.port), ("metrics", "0.0.0.0", settings.metrics_port)):
             if not _port_free(host, port):

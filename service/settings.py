@@ -30,6 +30,9 @@ CANDIDATE_MODES = ("off", "canary", "shadow")
 PROXIES = ("haproxy", "default")
 CandidateMode = Literal["off", "canary", "shadow"]
 _SECRETS = frozenset({"admin_token"})  # never echoed in error messages
+RUN_DIR_MAX_CHARS = 32  # <run_dir>/hap/<56-hex node id>/admin.sock must fit a unix socket path (107 bytes)
+_PORT_FIELDS = ("port", "metrics_port", "haproxy_stats_port", "haproxy_metrics_port", "fallback_http_port",
+                "fallback_grpc_port")
 
 
 class ServeSettings(BaseModel):
@@ -75,6 +78,24 @@ class ServeSettings(BaseModel):
         admin_token: bearer token of ``/v1/admin/*``; admin endpoints are off without one.
         retry_after_s: Retry-After of 503 answers.
         seed: seed of the traffic sampler (None: random).
+        run_dir: where ``steady serve`` keeps its lock, the record of the processes and ports it started,
+            Ray's temp files and HAProxy's files; a restart cleans up what the previous run of the same
+            directory left behind (default ``/tmp/steady-<uid>-<port>``; at most 32 characters: Ray and
+            HAProxy put unix sockets under it).
+        metrics_host: the address of the metrics port (default: ``host``); set it wider than ``host``
+            only when a scraper on another machine needs it.
+        haproxy_stats_port, haproxy_metrics_port: HAProxy's stats page and Prometheus exporter (bound to
+            127.0.0.1; default: free ports chosen at start and recorded in the run directory).
+        fallback_http_port, fallback_grpc_port: Ray Serve's fallback proxy behind HAProxy (127.0.0.1;
+            default: free ports chosen at start).
+        drain_timeout_s: on SIGTERM, the most seconds until ``steady serve`` has exited: readiness and
+            admission turn to 503 first, requests in flight finish, then Serve and Ray stop.
+        decode_budget_s: CPU seconds decoding one image may use; beyond it the request gets 413.
+        heavy_decode_pixels: images over this many pixels (4x for baseline JPEGs) are decoded in a separate
+            low-priority thread, one at a time per replica, so a few expensive images cannot starve the rest.
+        max_heavy_decodes: expensive images waiting or decoding per replica; more get 503 + Retry-After.
+        max_webp_pixels: WebP images over this pixel count get 413 (libwebp decodes in one call that keeps
+            Python's GIL: ~10 ms per megapixel during which no other thread of the replica runs).
         max_explain_inflight: per replica, ``:explain`` requests in flight (each costs ~170 inferences at
             224 px); over it an explain gets 503 + Retry-After while ``:classify`` keeps its own ``max_inflight``.
         ensemble: the shift ensemble on top of each version's policy: ``chosen`` (what its bound
@@ -126,6 +147,17 @@ class ServeSettings(BaseModel):
     admin_token: str | None = Field(None, repr=False, min_length=8)
     retry_after_s: int = Field(1, ge=1)
     seed: int | None = None
+    run_dir: str | None = None
+    metrics_host: str | None = None
+    haproxy_stats_port: int | None = Field(None, ge=1, le=65535)
+    haproxy_metrics_port: int | None = Field(None, ge=1, le=65535)
+    fallback_http_port: int | None = Field(None, ge=1, le=65535)
+    fallback_grpc_port: int | None = Field(None, ge=1, le=65535)
+    drain_timeout_s: float = Field(15.0, ge=2, le=3600)
+    decode_budget_s: float = Field(2.0, gt=0)
+    heavy_decode_pixels: int = Field(4_000_000, ge=1)
+    max_heavy_decodes: int = Field(8, ge=1)
+    max_webp_pixels: int = Field(4_000_000, ge=1)
     max_explain_inflight: int = Field(2, ge=1)
     ensemble: str = "chosen"
     model_ensemble: dict[str, str] | None = None
@@ -145,6 +177,13 @@ class ServeSettings(BaseModel):
         return {model: _ensemble_spec(spec) for model, spec in value.items()}
     preprocess_device: Literal["auto", "cpu", "gpu", "dali-cpu"] = "auto"
 
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            _check_autoscaling(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
         if self.max_ongoing_requests < self.max_batch_size:
@@ -157,6 +196,14 @@ class ServeSettings(BaseModel):
                              "for ONNX Runtime")
         if self.preprocess_device == "gpu" and self.replica_gpus <= 0:
             raise ValueError("preprocess_device gpu needs replica_gpus > 0, so Ray reserves a GPU for each replica")
+        if self.run_dir is not None and (not self.run_dir.startswith("/") or len(self.run_dir) > RUN_DIR_MAX_CHARS):
+            raise ValueError(f"run_dir must be an absolute path of at most {RUN_DIR_MAX_CHARS} characters (Ray and "
+                             f"HAProxy put unix sockets under it, 107 bytes at most), got {self.run_dir!r}")
+        ports = {name: getattr(self, name) for name in _PORT_FIELDS if getattr(self, name) is not None}
+        for name, port in ports.items():
+            clash = [other for other, p in ports.items() if p == port and other != name]
+            if clash:
+                raise ValueError(f"{name} and {clash[0]} are both {port}: every port must differ")
         return self
 
     # ----------------------------------------------------------------- building
@@ -248,6 +295,23 @@ def _ensemble_spec(value: Any) -> Any:
     if value not in ("chosen", "off"):
         Ensemble.parse(value)
     return value
+
+
+def _check_autoscaling(config: Mapping[str, Any]) -> None:
+    """``autoscaling`` through Ray Serve's own ``AutoscalingConfig``; also refuses unknown keys, which Ray
+    silently ignores (a misspelt ``max_replica`` would leave the deployment at one replica)."""
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = sorted(set(config) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; known: {sorted(AutoscalingConfig.model_fields)}")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", lambda: [])()
+        first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"{where + ': ' if where else ''}{str(first['msg']).removeprefix('Value error, ')}") from None
 
 
 def _one_line(exc: ValidationError, data: Mapping[str, Any], environment: Mapping[str, str]) -> str:

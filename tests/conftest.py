@@ -191,3 +191,13 @@ def lite0_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRepositor
 
 # The session's one real Ray Serve (defined in tests/serving.py so every folder shares one instance).
 from tests.serving import service  # noqa: E402,F401  (fixture registration)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests run only when a ``-m`` expression names them (``make soak``): never in the default run."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]

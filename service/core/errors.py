@@ -32,9 +32,13 @@ __all__ = [
     "ExportError",
     "ParityError",
     "ScoreError",
+    "ClusterUnavailable",
     "GateError",
     "PromotionRefused",
     "DeviceUnavailable",
+    "PortInUse",
+    "RunDirBusy",
+    "DecodeBudgetExceeded",
 ]
 
 
@@ -159,6 +163,13 @@ class ScoreError(SteadyError):
     exit_code = 2
 
 
+class ClusterUnavailable(SteadyError):
+    """A Ray cluster cannot run the work: no CPU frees up in time (Serve replicas or other jobs hold them).
+    HTTP 503, exit code 1."""
+
+    status = 503
+
+
 class GateError(SteadyError):
     """The gate cannot decide: missing or stale robustness.json, bad policy. Exit code 2."""
 
@@ -175,4 +186,22 @@ class DeviceUnavailable(SteadyError):
     """The configured device cannot be used here: GPU preprocessing without NVIDIA DALI or without a CUDA
     device, or a card DALI cannot reproduce. A configuration problem found at start-up. Exit code 2."""
 
+    exit_code = 2
+
+
+class PortInUse(SteadyError):
+    """A port ``steady serve`` must bind is held by another process; the message names the port, the
+    setting that chose it and the holder. Exit code 1."""
+
+
+class RunDirBusy(SteadyError):
+    """Another live ``steady serve`` holds the run directory (same ``run_dir``, by default the same port),
+    or the directory is unsafe to use. Exit code 1."""
+
+
+class DecodeBudgetExceeded(SteadyError):
+    """Decoding the image needs more CPU time than ``decode_budget_s`` (or more progressive JPEG scans than
+    allowed): a smaller or baseline-encoded image must be sent. HTTP 413."""
+
+    status = 413
     exit_code = 2

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from service.cli import build_parser
+from service.settings import ServeSettings
 from tests.deploy.promql import DEPLOY, ROOT
 
 DOCKER = DEPLOY / "docker"
@@ -50,6 +51,9 @@ def test_compose_services_and_mounts() -> None:
     assert (DOCKER / steady["build"]["context"] / steady["build"]["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
     args = build_parser().parse_args(steady["command"][1:])
     assert args.metrics_port == 8080 and args.host == "0.0.0.0"
+    assert steady["init"] is True  # tini forwards SIGTERM and reaps Ray's orphans
+    drain = ServeSettings.build("/models", environ={}).drain_timeout_s
+    assert float(steady["stop_grace_period"].removesuffix("s")) >= drain + 5  # docker stop's SIGKILL after the drain
     published = {p.split(":")[0] for p in steady["ports"]}
     assert {"8000", "8080", "9090", "3000"} <= published
     for name in ("prometheus", "grafana"):

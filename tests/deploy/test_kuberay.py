@@ -53,6 +53,12 @@ RAYSERVICE_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "rayVersion": {"type": "string"},
                         "enableInTreeAutoscaling": {"type": "boolean"},
+                        "authOptions": {  # KubeRay >= 1.5.1, ray-operator/apis/ray/v1/raycluster_types.go
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"},
+                                           "enableK8sTokenAuth": {"type": "boolean"}},
+                        },
                         "autoscalerOptions": {"type": "object"},
                         "headGroupSpec": {
                             "type": "object",
@@ -156,6 +162,25 @@ def test_cluster_layout() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu["rayStartParams"]["num-gpus"] == "1" and container["image"].endswith("-gpu")
     assert gpu["minReplicas"] == 0
+
+
+def test_every_ray_container_gets_the_cluster_token() -> None:
+    """Ray 2.60 clusters use token authentication: KubeRay's authOptions hands the token to every node."""
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    auth = cluster["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"], auth
+    assert not auth.get("enableK8sTokenAuth"), "KubeRay does not support Kubernetes token auth for a RayService"
+    major, minor, *_ = (int(x) for x in cluster["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52), "authOptions needs Ray >= 2.52"
+    for name, group in _groups(_rayservice()):
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"] for e in container["env"]}
+        # set by hand they would override what the operator injects (it only adds missing variables)
+        assert not env & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, name
+    bad = yaml.safe_load(yaml.safe_dump(_rayservice()))
+    bad["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "on"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, RAYSERVICE_SCHEMA)
 
 
 def _kubernetes_validate() -> Any:

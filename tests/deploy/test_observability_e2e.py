@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import shutil
-import subprocess
 import time
 from typing import Any, Iterator
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from tests.conftest import encode, make_tiny_onnx, tiny_card
 from tests.deploy.promql import (
-    ALERTS, dashboard, grafana_regex, panel_targets, query_variables, rules, substitute,
+    Prom, dashboard, grafana_regex, panel_targets, query_variables, rules, running_prometheus, substitute,
 )
-from tests.serving import ADMIN_TOKEN, Service, free_port
+from tests.serving import ADMIN_TOKEN, Service
 
 pytestmark = pytest.mark.e2e
 
@@ -41,28 +37,6 @@ SUMMARIES = {
         "pan.flip_probability": 0.022, "scale.p_change": 0.047, "scale.flip_probability": 0.10,
         "consistency": 0.93, "compute.per_answer": 1.0},
 }
-
-
-class Prom:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client = httpx.Client(base_url=url, timeout=10)
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        r = self.client.get("/api/v1/query", params={"query": expr})
-        body = r.json()
-        if r.status_code != 200 or body.get("status") != "success":
-            raise AssertionError(f"query failed ({r.status_code}): {expr}\n{body.get('error')}")
-        assert body["data"]["resultType"] == "vector", (expr, body["data"]["resultType"])
-        return list(body["data"]["result"])
-
-    def finite(self, expr: str) -> list[dict[str, Any]]:
-        return [s for s in self.query(expr) if math.isfinite(float(s["value"][1]))]
-
-    def get(self, path: str, **params: Any) -> Any:
-        r = self.client.get(path, params=params)
-        r.raise_for_status()
-        return r.json()["data"]
 
 
 def _robustness_doc(model: str, version: int, sha256: str) -> dict[str, Any]:
@@ -108,48 +82,9 @@ def scored(service: Service) -> Service:
 
 @pytest.fixture(scope="module")
 def prometheus(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (apt-get install prometheus; .ci/run installs it)")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ALERTS)],
-        "scrape_configs": [{
-            "job_name": "steady",
-            "static_configs": [{"targets": [f"127.0.0.1:{service.settings.metrics_port}"]}],
-        }],
-    }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    prom = Prom(f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp / "prometheus.log").read_text()
-            try:
-                if prom.client.get("/-/ready").status_code == 200 and prom.query('up{job="steady"} == 1'):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus not scraping Steady after 30 s\n" + (
-                tmp / "prometheus.log").read_text()
-            time.sleep(0.5)
+    scrape = {"job_name": "steady", "static_configs": [{"targets": [f"127.0.0.1:{service.settings.metrics_port}"]}]}
+    with running_prometheus([scrape], tmp_path_factory.mktemp("prometheus"), ready='up{job="steady"} == 1') as prom:
         yield prom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 def _traffic(service: Service, burst: bool = True) -> None:

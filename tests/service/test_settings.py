@@ -84,6 +84,8 @@ def test_hot_path_knobs() -> None:
     assert quiet.inline_decode_bytes == 4096
     with pytest.raises(InvalidInput, match="inline_decode_bytes"):
         ServeSettings.build("/m", environ={}, overrides={"inline_decode_bytes": -1})
+
+
 def test_preprocess_device_is_validated() -> None:
     assert ServeSettings.build("/m", environ={}).preprocess_device == "auto"
     assert ServeSettings.build("/m", environ={"STEADY_PREPROCESS_DEVICE": "dali-cpu"}).preprocess_device == "dali-cpu"
@@ -102,3 +104,27 @@ def test_the_gpu_config_parses() -> None:
     s = ServeSettings.build("/m", config=root / "deploy" / "steady-gpu.yaml", environ={})
     assert (s.provider, s.preprocess_device, s.replica_gpus) == ("cuda", "gpu", 1.0)
     assert 64 <= s.max_batch_size <= 128 and s.max_ongoing_requests >= s.max_batch_size
+
+
+def test_autoscaling_is_checked_like_ray_serve_but_refuses_unknown_keys(tmp_path: Path) -> None:
+    ok = ServeSettings.build("/m", overrides={"autoscaling": {"min_replicas": 1, "max_replicas": 3,
+                                                              "target_ongoing_requests": 4}}, environ={})
+    assert ok.deployment_options()["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3,
+                                                             "target_ongoing_requests": 4}
+    # Ray Serve's own AutoscalingConfig accepts a misspelt key and ignores it; Steady refuses it
+    with pytest.raises(InvalidInput, match=r"autoscaling: unknown keys \['max_replica'\]"):
+        ServeSettings.build("/m", overrides={"autoscaling": {"max_replica": 3}}, environ={})
+    with pytest.raises(InvalidInput, match=r"autoscaling: max_replicas \(1\) must be greater than or equal to "
+                                           r"min_replicas \(2\)"):
+        ServeSettings.build("/m", overrides={"autoscaling": {"min_replicas": 2, "max_replicas": 1}}, environ={})
+    with pytest.raises(InvalidInput, match="autoscaling: target_ongoing_requests: Input should be greater than 0"):
+        ServeSettings.build("/m", overrides={"autoscaling": {"target_ongoing_requests": 0}}, environ={})
+    # the same setting from steady serve's environment and config file
+    env = ServeSettings.build("/m", environ={"STEADY_AUTOSCALING": "{min_replicas: 1, max_replicas: 2}"})
+    assert env.deployment_options()["autoscaling_config"]["max_replicas"] == 2
+    with pytest.raises(InvalidInput, match="environment STEADY_AUTOSCALING="):
+        ServeSettings.build("/m", environ={"STEADY_AUTOSCALING": "{upscale_delay_s: soon}"})
+    config = tmp_path / "s.yaml"
+    config.write_text("autoscaling:\n  min_replicas: 1\n  max_replicas: 4\n  upscale_delay_s: 5\n")
+    assert ServeSettings.build("/m", config=config, environ={}).autoscaling == {
+        "min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 5}
