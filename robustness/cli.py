@@ -57,7 +57,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     version = repo.resolve(args.model, args.version)
     doc, dataset = score_version(repo, args.model, version, args.data, args.labels, config, args.seed,
                                         args.max_images, args.workers, args.ray_address,
-                                        progress=not args.no_progress, batch_size=args.batch_size)
+                                        progress=not args.no_progress, batch_size=args.batch_size,
+                                        split=args.split, split_seed=args.split_seed)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
     if args.out:
         out = Path(args.out)
@@ -143,6 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution-factors", type=_floats, help="FixRes factors (default 0.875,1,1.15,1.3,1.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the robustness.json document")
+    p.add_argument("--split", choices=("all", "tune", "holdout"), default="all",
+                   help="score one half of the photos split by sha256(f'{seed}:{file}') (even: tune, odd: holdout); "
+                        "a tuned version is scored only on its held-out half (default all)")
+    p.add_argument("--split-seed", type=int, help="seed of the split (default: the tuned version's own)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("gate", help="decide whether a scored version may be promoted",

@@ -16,7 +16,9 @@ from pathlib import Path
 from service.core.images import is_image_file
 from service.core.errors import ScoreError
 
-__all__ = ["Item", "Dataset", "load_dataset"]
+__all__ = ["Item", "Dataset", "load_dataset", "SPLITS", "split_of", "select_split", "photos_fingerprint"]
+
+SPLITS = ("all", "tune", "holdout")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Item:
     index: int
     path: str
     label: int | None
+    sha256: str = ""  # of the file's bytes
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,13 @@ def _read_labels(csv_path: Path) -> dict[str, int]:
         raise ScoreError(f"cannot read labels CSV {csv_path}: {exc}") from exc
 
 
+def _fingerprint(items: tuple[Item, ...] | list[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.path.encode() + b"\0" + bytes.fromhex(item.sha256) + str(item.label).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_images: int | None = None) -> Dataset:
     """Sorted images under ``root`` (recursively), their labels, and a sha256 fingerprint.
 
@@ -82,12 +92,54 @@ def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_ima
             for r in rel:
                 folder = Path(r).parent.as_posix()
                 labels[r] = int(folder) if folder.isdigit() else folders.index(folder)
-    digest = hashlib.sha256()
     items = []
     for i, (path, name) in enumerate(zip(files, rel)):
         label = labels.get(name)
         if labels_csv is not None and label is None:
             raise ScoreError(f"image {name} has no row in {labels_csv}")
-        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest() + str(label).encode() + b"\n")
-        items.append(Item(i, name, label))
-    return Dataset(root, tuple(items), digest.hexdigest())
+        items.append(Item(i, name, label, hashlib.sha256(path.read_bytes()).hexdigest()))
+    return Dataset(root, tuple(items), _fingerprint(items))
+
+
+# ------------------------------------------------------------------ the tune / held-out split
+def split_of(path: str, seed: int) -> str:
+    """``tune`` when ``sha256(f"{seed}:{path}")`` is even, else ``holdout``.
+
+    The split depends only on the seed and the path relative to the data folder, so the same
+    photo lands in the same half in any folder that holds it under the same relative path.
+
+    Example:
+        >>> split_of("n01440764/a.JPEG", 0) in ("tune", "holdout")
+        True
+    """
+    return "tune" if hashlib.sha256(f"{seed}:{path}".encode()).digest()[-1] % 2 == 0 else "holdout"
+
+
+def photos_fingerprint(items: tuple[Item, ...] | list[Item]) -> str:
+    """A label-free fingerprint of some photos (relative paths and bytes): a tuning record stays
+    comparable whether or not labels were given."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.path.encode() + b"\0" + item.sha256.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def select_split(dataset: Dataset, split: str, seed: int, max_images: int | None = None) -> Dataset:
+    """The ``tune`` or ``holdout`` half of ``dataset`` (``all``: every image), optionally only its
+    first ``max_images``.
+
+    Items keep their index (the per-image seed key), so a held-out image gets exactly the views it
+    gets when the whole folder is scored. The fingerprint is that of the selected images.
+
+    Raises:
+        ScoreError: an unknown split name, or a half with no image.
+    """
+    if split not in SPLITS:
+        raise ScoreError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if max_images is not None and max_images < 1:
+        raise ScoreError(f"--max-images must be >= 1, got {max_images}")
+    items = tuple(item for item in dataset.items if split == "all" or split_of(item.path, seed) == split)
+    items = items[:max_images]
+    if not items:
+        raise ScoreError(f"the {split} half of {dataset.root} (seed {seed}) holds no image")
+    return Dataset(dataset.root, items, _fingerprint(items))
