@@ -156,12 +156,14 @@ def _register_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="CSV file,class_index (fixres: cross-entropy; consistency ignores labels)")
     p.add_argument("--method", choices=("fixres", "consistency"), required=True, help="what to tune")
     p.add_argument("--resolution", type=_positive_int, metavar="N", help="side to tune at (fixres)")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps (default 300)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="photos per step (default 16)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps (default fixres 300, "
+                                                                    "consistency 200)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="photos per step (default fixres 16, "
+                                                                         "consistency 8)")
     p.add_argument("--lr", type=_positive_float, help="SGD learning rate (default fixres 1e-3; consistency 1e-4, "
                                                       "times --late-lr-mult for the late layers)")
     p.add_argument("--pool-views", type=_positive_int, help="fixed views per photo, the teacher answering each "
-                                                            "once (default 12)")
+                                                            "once (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run: views, order, torch (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the tune/held-out split (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -43,7 +43,8 @@ __all__ = ["CONSISTENCY_LOSSES", "DEVICES", "TuneConfig", "TuneRun", "resolve_de
 
 CONSISTENCY_LOSSES = ("ensemble", "js", "ensemble+js")
 DEVICES = ("auto", "cpu", "cuda")
-_DEFAULT_STEPS = {"fixres": 300, "consistency": 300}
+_DEFAULT_STEPS = {"fixres": 300, "consistency": 200}
+_DEFAULT_BATCH = {"fixres": 16, "consistency": 8}
 _DEFAULT_LR = {"fixres": 1e-3, "consistency": 1e-4}
 
 
@@ -51,7 +52,8 @@ _DEFAULT_LR = {"fixres": 1e-3, "consistency": 1e-4}
 class TuneConfig:
     """How to tune: the method, the budget, and the method's recipe.
 
-    ``None`` means the method's default (300 steps; SGD learning rate 1e-3 for fixres' head, 1e-4
+    ``None`` means the method's default (fixres 300 steps of 16 photos, consistency 200 of 8; SGD
+    learning rate 1e-3 for fixres' head, 1e-4
     for consistency, times ``late_lr_mult`` for the late layers; resolution: fixres from the
     source's FixRes sweep, consistency the card's). Shifts are in output pixels; zooms are
     log-uniform in [1/max_zoom, max_zoom]. ``threads`` 0 keeps torch's default.
@@ -60,13 +62,13 @@ class TuneConfig:
     method: str = "consistency"
     resolution: int | None = None
     steps: int | None = None
-    batch_size: int = 16  # photos per step
+    batch_size: int | None = None  # photos per step
     lr: float | None = None
     seed: int = 0
     split_seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU threads for torch and the ONNX Runtime teacher (0: their defaults)
-    pool_views: int = 12  # per photo, the first the policy's own
+    pool_views: int = 8  # per photo, the first the policy's own
     # consistency recipe
     loss: str = "ensemble"
     views: int = 3  # per photo per step
@@ -87,7 +89,7 @@ class TuneConfig:
             (self.loss in CONSISTENCY_LOSSES, f"loss must be one of {CONSISTENCY_LOSSES}, got {self.loss!r}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
@@ -108,6 +110,10 @@ class TuneConfig:
     @property
     def total_steps(self) -> int:
         return self.steps if self.steps is not None else _DEFAULT_STEPS[self.method]
+
+    @property
+    def photos_per_step(self) -> int:
+        return self.batch_size if self.batch_size is not None else _DEFAULT_BATCH[self.method]
 
     @property
     def learning_rate(self) -> float:
@@ -316,7 +322,9 @@ def _recalibrate(module: "nn.Module", photos: TunePhotos, pool: list[list[ViewSp
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches
         m.train()
-    flat = [v for views in pool for v in views]
+    # view-major, so that every batch holds different photos: a batch of one photo's views would miss
+    # the variance between photos (measured: cross-entropy 2.1 after calibrating on photo-major batches)
+    flat = [views[k] for k in range(len(pool[0])) for views in pool]
     with torch.no_grad():
         for i in range(0, len(flat), batch_size):
             module(torch.from_numpy(photos.render(flat[i:i + batch_size])).to(device))
@@ -362,7 +370,7 @@ def train(module: "nn.Module", card: ModelCard, photos: TunePhotos, teacher: Tea
             targets = torch.from_numpy(answers).to(device).view(len(pool), -1, n_classes)
         module.to(device).eval()
         if fixres:
-            run.notes["calibration_views"] = _recalibrate(module, photos, pool, config.batch_size, device)
+            run.notes["calibration_views"] = _recalibrate(module, photos, pool, config.photos_per_step, device)
         groups = _set_trainable(module, config)
         student = _Student(module, photos, pool, device, 32)
         run.notes["cached_blocks"] = student.cut
@@ -380,7 +388,7 @@ def train(module: "nn.Module", card: ModelCard, photos: TunePhotos, teacher: Tea
             scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for g, base in zip(groups, bases):  # linear warm-up, then cosine decay to zero
                 g["lr"] = base * scale
-            chosen = rng.choice(len(photos), size=min(config.batch_size, len(photos)), replace=False)
+            chosen = rng.choice(len(photos), size=min(config.photos_per_step, len(photos)), replace=False)
             loss = _step_loss(student, chosen, rng, targets, labels, config, len(pool[0]))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -301,3 +301,33 @@ def test_tuning_lite0_for_a_few_steps_lowers_the_loss(lite0_repo: tuple, tmp_pat
         run = train(fresh, card, photos, teacher, config)
         first, last = np.mean(run.losses[:3]), np.mean(run.losses[-3:])
         assert last < first, (config.method, run.losses)
+
+
+def test_cuda_is_refused_clearly_without_a_gpu(small_repo: tuple, photos: tuple[Path, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot happen here (see the gpu test)")
+    repo, net, card = small_repo
+    root, _ = photos
+    with pytest.raises(ExportError, match="--device cuda: torch sees no CUDA device"):
+        tune_module(net, card, repo, root, TuneConfig(**dict(FAST, device="cuda")))
+
+
+@pytest.mark.gpu
+def test_tuning_on_cuda_is_deterministic_and_exports(small_repo: tuple, photos: tuple[Path, Path]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: torch with a visible NVIDIA GPU is needed")
+    repo, net, card = small_repo
+    root, _ = photos
+    items = select_split(load_dataset(root), "tune", 0).items
+    photo_set = TunePhotos.load(card, root, items, card.resolution)
+    runs = []
+    for _ in range(2):
+        module = make_small_net()
+        module.load_state_dict(net.state_dict())
+        config = TuneConfig(method="consistency", loss="ensemble+js", early_lr_mult=1.0, lr=1e-3,
+                            **dict(FAST, device="cuda"))
+        runs.append((train(module, card, photo_set, _torch_teacher(net), config), module.state_dict()))
+    assert runs[0][0].device == "cuda" and runs[0][0].losses == runs[1][0].losses
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    new = tune_module(net, card, repo, root, TuneConfig(**dict(FAST, device="cuda")))
+    assert new.tune is not None and new.tune.device == "cuda"
