@@ -5,8 +5,8 @@ int8 (``onnxruntime.quantization.quantize_static``: per-channel int8 weights, ac
 calibrated on photos that went through Steady's one preprocessing path). The photos are a folder:
 
 - its images are split by :func:`service.core.images.half_of` (sha256 of the relative path and a
-  seed) into a *calibration* half and a *held-out* half;
-- the calibration photos are the first ``count`` of the calibration half in the seeded
+  seed) into a *tune* half (the photos a version may be fitted on) and a *held-out* half;
+- the calibration photos are the first ``count`` of the tune half in the seeded
   :func:`~service.core.images.calibration_order`; their count, fingerprint and content digests go
   into the card (:class:`service.core.card.Quantization`), so ``steady score`` can refuse to measure
   the version on them;
@@ -15,7 +15,7 @@ calibrated on photos that went through Steady's one preprocessing path). The pho
   one) and the largest logit difference, both recorded; below ``min_agreement`` the export fails.
 
 Whether the int8 version is as steady and as accurate as the float one is for the gate to say:
-score both on the held-out half (``steady score --half holdout``) and gate the int8 version against
+score both on the held-out half (``steady score --split holdout``) and gate the int8 version against
 the float production version; the regression rules cover accuracy and every flip metric.
 
 Example:
@@ -63,7 +63,7 @@ class QuantizeOptions:
     """How to quantize (defaults: the configuration measured best on lite0; README.md, "Precision").
 
     Attributes:
-        count: calibration photos (the first ``count`` of the calibration half, seeded order).
+        count: calibration photos (the first ``count`` of the tune half, seeded order).
         seed: the split and subset seed.
         method: ORT's calibration method: ``minmax``, ``entropy`` or ``percentile``.
         activations: ``uint8`` (asymmetric) or ``int8`` (symmetric).
@@ -104,7 +104,7 @@ class CalibrationSet:
     root: Path
     calibration: tuple[str, ...]
     holdout: tuple[str, ...]
-    pool: int  # photos in the calibration half
+    pool: int  # photos in the tune half
 
     def fingerprint(self) -> tuple[str, tuple[str, ...]]:
         """(sha256 over the calibration photos' paths and bytes, each photo's sha256)."""
@@ -121,16 +121,16 @@ def calibration_set(root: str | Path, count: int, seed: int) -> CalibrationSet:
     """Split the images under ``root`` and take the calibration subset.
 
     Raises:
-        InvalidInput: the folder is missing, or its calibration half has fewer than ``count`` photos.
+        InvalidInput: the folder is missing, or its tune half has fewer than ``count`` photos.
     """
     root = Path(root)
     if not root.is_dir():
         raise InvalidInput(f"calibration folder {root} does not exist")
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if is_image_file(p))
-    pool = [n for n in names if half_of(n, seed) == "calibration"]
+    pool = [n for n in names if half_of(n, seed) == "tune"]
     holdout = [n for n in names if half_of(n, seed) == "holdout"]
     if len(pool) < count:
-        raise InvalidInput(f"the calibration half of {root} (seed {seed}) has {len(pool)} photos of the {count} "
+        raise InvalidInput(f"the tune half of {root} (seed {seed}) has {len(pool)} photos of the {count} "
                            f"asked for ({len(names)} images in all): give more photos or a smaller --count")
     return CalibrationSet(root, tuple(calibration_order(pool, seed)[:count]), tuple(holdout), len(pool))
 

@@ -66,7 +66,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     doc, dataset = score_version(repo, args.model, version, args.data, args.labels, config, args.seed,
                                         args.max_images, args.workers, args.ray_address,
                                         progress=not args.no_progress, batch_size=args.batch_size,
-                                        remedy_rule=remedy_rule, half=args.half, split_seed=args.split_seed,
+                                        remedy_rule=remedy_rule, split=args.split, split_seed=args.split_seed,
                                         preprocess_device=args.preprocess_device, ray_timeout_s=args.ray_timeout)
     atomic_write_json(repo.version_dir(args.model, version) / "robustness.json", doc)
     if args.out:
@@ -211,11 +211,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocols", help="comma list of pan,scale,embed,consistency,resolution (default all)")
     p.add_argument("--policies", help="comma list of center,object (default both)")
     p.add_argument("--max-images", type=int, help="score only the first N images (sorted)")
-    p.add_argument("--half", choices=("calibration", "holdout"),
-                   help="score one half of the seeded split int8 calibration uses (steady quantize): holdout for "
-                        "like-for-like int8/fp32 comparisons (a quantized version is never scored on its own "
-                        "calibration photos either way)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for positions, offsets and bootstrap (default 0)")
     p.add_argument("--workers", type=int, default=0, help="shard images over N local Ray workers")
     p.add_argument("--ray-address", help="shard images over an existing Ray cluster")
@@ -245,6 +240,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocess-device", choices=("cpu", "gpu", "dali-cpu"), default="cpu",
                    help="decode and resample the views with Pillow (cpu, default), NVIDIA DALI on the GPU (gpu) "
                         "or DALI's CPU backend (dali-cpu)")
+    p.add_argument("--split", choices=("all", "tune", "holdout"), default="all",
+                   help="score one half of the photos split by sha256(f'{seed}:{file}') (even: tune, odd: holdout): "
+                        "holdout for like-for-like comparisons of a tuned or int8 version with its source; a tuned "
+                        "version is refused on its tuning photos, a quantized one never sees its calibration "
+                        "photos (default all)")
+    p.add_argument("--split-seed", type=int, help="seed of the split (default: the tuned or quantized version's own)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("gate", help="decide whether a scored version may be promoted",

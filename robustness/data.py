@@ -16,7 +16,9 @@ from pathlib import Path
 from service.core.images import HALVES, half_of, is_image_file
 from service.core.errors import ScoreError
 
-__all__ = ["Item", "Dataset", "load_dataset"]
+__all__ = ["Item", "Dataset", "load_dataset", "SPLITS", "select_split", "without_photos", "photos_fingerprint"]
+
+SPLITS = ("all",) + HALVES  # all, tune, holdout
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Item:
     index: int
     path: str
     label: int | None
+    sha256: str = ""  # of the file's bytes
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,6 @@ class Dataset:
     root: Path
     items: tuple[Item, ...]
     fingerprint: str
-    half: str | None = None   # the half of the seeded split scored (None: every image)
-    split_seed: int = 0
-    excluded: int = 0         # images left out because they calibrated the version
 
     @property
     def labelled(self) -> bool:
@@ -59,28 +59,23 @@ def _read_labels(csv_path: Path) -> dict[str, int]:
         raise ScoreError(f"cannot read labels CSV {csv_path}: {exc}") from exc
 
 
-def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_images: int | None = None, *,
-                 half: str | None = None, split_seed: int = 0, exclude_sha256: frozenset[str] = frozenset()) -> Dataset:
+def _fingerprint(items: tuple[Item, ...] | list[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.path.encode() + b"\0" + bytes.fromhex(item.sha256) + str(item.label).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_images: int | None = None) -> Dataset:
     """Sorted images under ``root`` (recursively), their labels, and a sha256 fingerprint.
 
     The fingerprint covers every selected file's relative path, bytes and label, so a
-    robustness.json can be checked against the data it was measured on. ``half`` keeps one half
-    of the seeded split (:func:`service.core.images.half_of`, the split int8 calibration uses);
-    images whose sha256 is in ``exclude_sha256`` (a quantized version's calibration photos) are
-    left out, before ``max_images`` applies.
+    robustness.json can be checked against the data it was measured on.
     """
     root = Path(root)
     if not root.is_dir():
         raise ScoreError(f"data folder {root} does not exist")
-    if half is not None and half not in HALVES:
-        raise ScoreError(f"half must be one of {', '.join(HALVES)}, got {half!r}")
     files = sorted(p for p in root.rglob("*") if is_image_file(p))
-    if half is not None:
-        files = [p for p in files if half_of(p.relative_to(root).as_posix(), split_seed) == half]
-    excluded = 0
-    if exclude_sha256:
-        kept = [p for p in files if hashlib.sha256(p.read_bytes()).hexdigest() not in exclude_sha256]
-        excluded, files = len(files) - len(kept), kept
     if max_images is not None:
         if max_images < 1:
             raise ScoreError(f"--max-images must be >= 1, got {max_images}")
@@ -97,12 +92,59 @@ def load_dataset(root: str | Path, labels_csv: str | Path | None = None, max_ima
             for r in rel:
                 folder = Path(r).parent.as_posix()
                 labels[r] = int(folder) if folder.isdigit() else folders.index(folder)
-    digest = hashlib.sha256()
     items = []
     for i, (path, name) in enumerate(zip(files, rel)):
         label = labels.get(name)
         if labels_csv is not None and label is None:
             raise ScoreError(f"image {name} has no row in {labels_csv}")
-        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest() + str(label).encode() + b"\n")
-        items.append(Item(i, name, label))
-    return Dataset(root, tuple(items), digest.hexdigest(), half, split_seed, excluded)
+        items.append(Item(i, name, label, hashlib.sha256(path.read_bytes()).hexdigest()))
+    return Dataset(root, tuple(items), _fingerprint(items))
+
+
+# ------------------------------------------------------------------ the tune / held-out split
+# One split for everything fitted to photos (int8 calibration, steady tune): service.core.images.half_of.
+
+
+def photos_fingerprint(items: tuple[Item, ...] | list[Item]) -> str:
+    """A label-free fingerprint of some photos (relative paths and bytes): a tuning record stays
+    comparable whether or not labels were given."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.path.encode() + b"\0" + item.sha256.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def select_split(dataset: Dataset, split: str, seed: int, max_images: int | None = None) -> Dataset:
+    """The ``tune`` or ``holdout`` half of ``dataset`` (``all``: every image), optionally only its
+    first ``max_images``.
+
+    Items keep their index (the per-image seed key), so a held-out image gets exactly the views it
+    gets when the whole folder is scored. The fingerprint is that of the selected images.
+
+    Raises:
+        ScoreError: an unknown split name, or a half with no image.
+    """
+    if split not in SPLITS:
+        raise ScoreError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if max_images is not None and max_images < 1:
+        raise ScoreError(f"--max-images must be >= 1, got {max_images}")
+    items = tuple(item for item in dataset.items if split == "all" or half_of(item.path, seed) == split)
+    items = items[:max_images]
+    if not items:
+        raise ScoreError(f"the {split} half of {dataset.root} (seed {seed}) holds no image")
+    return Dataset(dataset.root, items, _fingerprint(items))
+
+
+def without_photos(dataset: Dataset, sha256: frozenset[str]) -> tuple[Dataset, int]:
+    """``dataset`` without the images whose bytes' sha256 is in ``sha256`` (a quantized version's calibration
+    photos, wherever they sit) and how many were left out; the fingerprint is that of the rest.
+
+    Raises:
+        ScoreError: nothing is left.
+    """
+    items = tuple(item for item in dataset.items if item.sha256 not in sha256)
+    if not items:
+        raise ScoreError(f"every image of {dataset.root} calibrated this version: score it on other photos")
+    if len(items) == len(dataset.items):
+        return dataset, 0
+    return Dataset(dataset.root, items, _fingerprint(items)), len(dataset.items) - len(items)

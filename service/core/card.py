@@ -36,6 +36,8 @@ __all__ = [
     "Source",
     "Parity",
     "Quantization",
+    "Tune",
+    "TUNE_METHODS",
     "ModelCard",
     "steady_version",
 ]
@@ -45,6 +47,7 @@ METADATA_KEY = "steady.card"
 POLICIES = ("center", "object")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 PRECISIONS = ("fp32", "fp16", "int8")
+TUNE_METHODS = ("fixres", "consistency")
 
 
 def steady_version() -> str:
@@ -92,7 +95,7 @@ class Parity:
 class Quantization:
     """How an int8 version was made from its float source (:mod:`exporters.quantize`).
 
-    Calibration photos are a seeded subset of the calibration half of a folder (the split and the
+    Calibration photos are a seeded subset of the tune half of a folder (the split and the
     subset are functions of the file's relative path and ``seed``); their content digests are kept
     so that no Steady measurement ever scores the version on a photo it was calibrated on.
     """
@@ -108,6 +111,41 @@ class Quantization:
     float_nodes: tuple[str, ...] = ()    # nodes kept in float
     options: tuple[tuple[str, str], ...] = ()  # further calibrator / quantizer options, as text
     tool: str = ""                       # onnxruntime version and entry point
+
+
+@dataclass(frozen=True)
+class Tune:
+    """How a version was fine-tuned from another one by ``steady tune``.
+
+    The photos were split by ``service.core.images.half_of`` (seeded hash of the relative path);
+    the model saw only the ``tune`` half, so only the ``holdout`` half may judge it.
+    Fingerprints are label-free (paths and bytes), so they match with or without labels.
+    """
+
+    method: str  # one of TUNE_METHODS
+    source_version: int
+    source_sha256: str  # the source version's ONNX sha256
+    data_fingerprint: str  # the whole data folder
+    split_seed: int
+    tune_fingerprint: str  # the photos tuned on
+    tune_images: int
+    holdout_images: int
+    labelled: bool  # cross-entropy with labels, else distillation from the source
+    resolution: int  # the side the model was tuned at
+    steps: int
+    batch_size: int
+    learning_rate: float
+    loss_start: float  # mean loss over the first tenth of the steps
+    loss_end: float  # ... and over the last tenth
+    wall_seconds: float
+    seed: int
+    device: str
+    source_weights_sha256: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # method settings (views, shifts, teacher...)
+
+    def __post_init__(self) -> None:
+        if self.method not in TUNE_METHODS:
+            raise CardError(f"tune method must be one of {TUNE_METHODS}, got {self.method!r}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +173,7 @@ class ModelCard:
     source: Source = field(default_factory=Source)
     parity: Parity | None = None
     quantization: Quantization | None = None
+    tune: Tune | None = None  # set on versions made by ``steady tune``; absent on older cards
     created: str = field(default_factory=_now)
     steady_version: str = field(default_factory=steady_version)
     schema_version: int = CARD_SCHEMA_VERSION
@@ -223,6 +262,8 @@ class ModelCard:
                     q[key] = tuple(q.get(key, ()))
                 q["options"] = tuple(tuple(pair) for pair in q.get("options", ()))
                 kwargs["quantization"] = Quantization(**q)
+            if kwargs.get("tune") is not None:
+                kwargs["tune"] = Tune(**kwargs["tune"])
             return cls(**kwargs)
         except TypeError as exc:
             raise CardError(f"invalid card: {exc}") from exc

@@ -1,6 +1,6 @@
 """Finding image files: the one list of suffixes Steady reads, the one folder walk, and the one seeded
-split of a folder into a calibration half and a held-out half (int8 calibration never sees the photos
-its version is measured on).
+split of a folder into a tune half and a held-out half (int8 calibration and ``steady tune`` never see
+the photos their version is measured on).
 
 Example:
     >>> IMAGE_SUFFIXES
@@ -42,14 +42,16 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-HALVES = ("calibration", "holdout")
+HALVES = ("tune", "holdout")
 
 
 def half_of(name: str, seed: int) -> str:
-    """``calibration`` or ``holdout``: the half of a folder a photo belongs to, from its relative path.
+    """``tune`` or ``holdout``: the half of a folder a photo belongs to, from its relative path.
 
-    sha256(f"{seed}:{name}") even -> calibration. A function of the name alone, so the split is the
-    same for every command and every machine, and about half of any folder lands on each side.
+    sha256(f"{seed}:{name}") even -> tune (the photos a derived version may be fitted on: int8
+    calibration, ``steady tune``), odd -> holdout (the photos that judge it). A function of the name
+    alone, so the split is the same for every command and every machine, and about half of any folder
+    lands on each side.
 
     Example:
         >>> half_of("n01440764_tench.JPEG", 0) in HALVES

@@ -67,13 +67,13 @@ def colour_repo(tmp_path: Path) -> ModelRepository:
 def test_calibration_set_takes_a_seeded_subset_of_one_half(photos: Path) -> None:
     cal = calibration_set(photos, 5, seed=0)
     names = sorted(p.name for p in photos.iterdir())
-    assert len(cal.calibration) == 5 and all(half_of(n, 0) == "calibration" for n in cal.calibration)
+    assert len(cal.calibration) == 5 and all(half_of(n, 0) == "tune" for n in cal.calibration)
     assert set(cal.holdout) == {n for n in names if half_of(n, 0) == "holdout"}
     assert cal.pool + len(cal.holdout) == len(names)
     assert calibration_set(photos, 5, seed=0) == cal and calibration_set(photos, 5, seed=1) != cal
     fingerprint, each = cal.fingerprint()
     assert len(fingerprint) == 64 and len(each) == 5
-    with pytest.raises(InvalidInput, match="calibration half"):
+    with pytest.raises(InvalidInput, match="tune half"):
         calibration_set(photos, cal.pool + 1, seed=0)
 
 
@@ -103,7 +103,7 @@ def test_parity_fails_when_the_calibration_photos_misrepresent_the_others(colour
     root.mkdir()
     for i in range(40):
         name = f"m{i:02d}.png"
-        black = half_of(name, 0) == "calibration"
+        black = half_of(name, 0) == "tune"
         (root / name).write_bytes(encode(np.zeros((40, 40, 3), np.uint8) if black else _photo(rng), "PNG"))
     with pytest.raises(ParityError, match=r"agreement .* is under 0.95"):
         quantize_version(colour_repo, "colour", 1, root, QuantizeOptions(count=6))
@@ -120,7 +120,7 @@ def test_quantize_command_and_its_errors(colour_repo: ModelRepository, photos: P
     assert capsys.readouterr().out.strip() == "colour/2"
     assert colour_repo.card("colour", 2).quantization.method == "percentile"  # type: ignore[union-attr]
     assert main(base + ["--version", "1", "--count", "999"]) == 2
-    assert "calibration half" in capsys.readouterr().err
+    assert "tune half" in capsys.readouterr().err
     assert main(base + ["--version", "2", "--count", "4"]) == 2  # an int8 version is not quantized again
     assert "quantize a fp32 version" in capsys.readouterr().err
     assert main(["export", "efficientnet-lite0", "--repo", str(colour_repo.root), "--precision", "int8"]) == 2
@@ -133,7 +133,7 @@ def test_an_int8_version_is_never_scored_on_its_calibration_photos(colour_repo: 
     fast = ["--translate-frames", "3", "--zoom-range", "0.9", "1.1", "--no-progress", "--json", "--protocols",
             "pan,scale", "--ensembles", "none"]
     runs = {}
-    for version, extra in (("2", []), ("2", ["--half", "holdout"]), ("1", ["--half", "holdout"])):
+    for version, extra in (("2", []), ("2", ["--split", "holdout"]), ("1", ["--split", "holdout", "--split-seed", "0"])):
         assert main(["score", "--repo", str(colour_repo.root), "colour", "--version", version, "--data", str(photos),
                      *fast, *extra]) == 0
         runs[(version, bool(extra))] = json.loads(capsys.readouterr().out)
@@ -145,3 +145,5 @@ def test_an_int8_version_is_never_scored_on_its_calibration_photos(colour_repo: 
     assert runs[("2", True)]["data"]["images"] == runs[("1", True)]["data"]["images"] == holdout
     assert runs[("2", True)]["data"]["fingerprint"] == runs[("1", True)]["data"]["fingerprint"]
     assert runs[("2", True)]["data"]["excluded_calibration_photos"] == 0  # the holdout half holds none
+    assert runs[("2", True)]["data"]["split"] == runs[("1", True)]["data"]["split"] == {
+        "name": "holdout", "seed": 0, "folder_fingerprint": runs[("2", False)]["data"]["split"]["folder_fingerprint"]}

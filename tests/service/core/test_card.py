@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from service.core.card import METADATA_KEY, ModelCard, Parity, Source
+from service.core.card import METADATA_KEY, ModelCard, Parity, Source, Tune
 from service.core.errors import CardError
 from tests.conftest import tiny_card
 
@@ -99,3 +99,37 @@ def test_an_int8_card_carries_its_quantization_record() -> None:
         ModelCard(**base, precision="int8")  # type: ignore[arg-type]
     with pytest.raises(CardError, match="quantization"):
         ModelCard(**base, quantization=q)  # type: ignore[arg-type]
+
+
+def _tune(**overrides: object) -> Tune:
+    fields: dict[str, object] = dict(
+        method="consistency", source_version=1, source_sha256="ab" * 32, data_fingerprint="cd" * 32, split_seed=0,
+        tune_fingerprint="ef" * 32, tune_images=95, holdout_images=105, labelled=False, resolution=224, steps=300,
+        batch_size=16, learning_rate=1e-5, loss_start=0.12, loss_end=0.05, wall_seconds=300.5, seed=0,
+        device="cpu", source_weights_sha256="12" * 32, recipe={"loss": "ensemble", "ensemble_offsets": [[0, 0], [2, 1]]})
+    fields.update(overrides)
+    return Tune(**fields)  # type: ignore[arg-type]
+
+
+def test_a_tune_record_round_trips_and_is_embedded() -> None:
+    card = tiny_card(version=2, onnx_sha256="ab" * 32, tune=_tune())
+    again = ModelCard.from_json(card.to_json())
+    assert again == card and again.tune is not None
+    assert again.tune.recipe["ensemble_offsets"] == [[0, 0], [2, 1]]
+    assert json.loads(card.to_json(embedded=True))["tune"]["source_version"] == 1
+
+
+def test_cards_written_before_the_tune_record_still_load() -> None:
+    data = json.loads(tiny_card(version=1, onnx_sha256="ab" * 32).to_json())
+    del data["tune"]
+    card = ModelCard.from_dict(data)
+    assert card.tune is None and card.version == 1
+
+
+def test_a_tune_record_with_an_unknown_method_or_field_is_refused() -> None:
+    with pytest.raises(CardError, match="tune method"):
+        _tune(method="magic")
+    data = json.loads(tiny_card(tune=_tune()).to_json())
+    data["tune"]["colour"] = "blue"
+    with pytest.raises(CardError, match="invalid card"):
+        ModelCard.from_dict(data)
