@@ -496,13 +496,13 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
     plain_load = loader(plain_url) if plain_url else None
     plain_agreement = None
     if plain_load is not None:
-        plain_agreement = _check_answers(plain_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
+        plain_agreement = check_answers(plain_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
         log(f"[{name}] plain server top-1 == in-process top-1 on {plain_agreement:.1%} (its own resize + crop)")
         plain_load(max(opts.concurrency), opts.warmup_s)
     version_load = loader(version_url) if version_url else None
     version_agreement = None
     if version_load is not None:
-        version_agreement = _check_answers(version_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
+        version_agreement = check_answers(version_url, bodies, ceiling.top1(bodies))  # type: ignore[arg-type]
         log(f"[{name}] version {opts.compare_version}: top-1 == version {ceiling.served.version} in-process on "
             f"{version_agreement:.1%}")
         version_load(max(opts.concurrency), opts.warmup_s)
