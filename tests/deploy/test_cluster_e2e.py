@@ -46,6 +46,7 @@ ADMIN_TOKEN = "cluster-admin-token-0123456789"
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 3,
                "downscale_delay_s": 15, "look_back_period_s": 10}
 RELOAD_DEADLINE_S = 30.0  # README: a replica follows within RELOAD_POLL_S plus its load and warm-up
+INGRESS_NOTICE_S = 0.5  # after the lost node's processes are gone, the ingress may still route to it this long
 
 
 @pytest.fixture(scope="module")
@@ -304,11 +305,12 @@ def test_node_lost_and_returned_under_concurrent_load(deployed: LocalCluster, ph
     assert sum(o.status == 200 for o in outcomes if o.start > back) > 0
     wrong = [o for o in outcomes if o.status == 200 and tuple(i for i, _ in o.answer or ()) != expected[photos[o.sent]]]
     assert not wrong, wrong[:3]
-    # only requests in flight on the lost node may fail: sent before its processes were gone, at most one per
-    # client; each ends with an HTTP error from the ingress or a connection the ingress closed, never a hang
+    # only requests in flight on the lost node may fail: sent before its processes were gone (or in the moment
+    # after, before the ingress has seen the connection drop: INGRESS_NOTICE_S), at most one per client; each
+    # ends with an HTTP error from the ingress or a connection the ingress closed, never a hang
     assert len(failed) <= load.clients, failed
     for o in failed:
-        assert killed - 30 < o.start < gone, o
+        assert killed - 30 < o.start < gone + INGRESS_NOTICE_S, o
         assert (isinstance(o.status, int) and o.status >= 500) or o.status == "RemoteProtocolError", o
         assert o.end - o.start < 10, o
     print(f"node loss: {len(outcomes)} requests, {len(failed)} failed: "
