@@ -453,16 +453,23 @@ def _settings(opts: BenchOptions) -> Any:
 
 
 def check_answers(url: str, bodies: Sequence[bytes], expected: Sequence[int]) -> float:
-    """Share of images whose served top-1 equals the in-process top-1 (the two must agree)."""
+    """Share of images whose served top-1 equals the in-process top-1 (the two must agree). A ``version`` in
+    the URL's query must be the version that answers."""
     import httpx
 
+    target = httpx.URL(url)
+    asked = target.params.get("version")
+    target = target.copy_merge_params({"top_k": 1})  # keeps the URL's own query
     same = 0
     with httpx.Client(timeout=60) as client:
         for body, want in zip(bodies, expected):
-            r = client.post(url, content=body, headers={"Content-Type": "image/jpeg"}, params={"top_k": 1})
+            r = client.post(target, content=body, headers={"Content-Type": "image/jpeg"})
             if r.status_code != 200:
-                raise SteadyError(f"served classify answered {r.status_code}: {r.text[:300]}")
-            same += int(r.json()["predictions"][0]["index"] == want)
+                raise SteadyError(f"served classify ({target}) answered {r.status_code}: {r.text[:300]}")
+            doc = r.json()
+            if asked is not None and "version" in doc and str(doc["version"]) != asked:
+                raise SteadyError(f"asked for version {asked}, version {doc['version']} answered")
+            same += int(doc["predictions"][0]["index"] == want)
     return same / max(1, len(bodies))
 
 
@@ -520,6 +527,10 @@ def _image_set(name: str, paths: Sequence[Path], opts: BenchOptions, ceiling: Ce
             v_served, v_cpu, v_ms = _served_run(version_load, c, opts.duration_s, pids)
             version_run = {"version": opts.compare_version, **v_served, "service_cpu_cores": v_cpu,
                            "service_cpu_ms_per_image": v_ms}
+            if v_served["non_2xx"] or v_served["socket_errors"]:  # answers per second of errors are no figure
+                raise SteadyError(f"version {opts.compare_version} answered {v_served['non_2xx']} non-2xx and "
+                                  f"{v_served['socket_errors']} socket errors at c={c}: is it this service's "
+                                  "production or candidate?")
         after = ceiling.throughput(bodies, best, opts.ceiling_s)
         ceil = (before["images_per_s"] + after["images_per_s"]) / 2
         run = {"concurrency": c, **served, "ceiling_images_per_s": round(ceil, 2),
