@@ -21,8 +21,8 @@ from service.core.errors import ScoreError
 __all__ = ["score_version", "scoring_split"]
 
 
-def scoring_split(card: ModelCard, dataset: Dataset, split: str, split_seed: int | None,
-                  max_images: int | None = None) -> tuple[Dataset, int | None]:
+def scoring_split(card: ModelCard, dataset: Dataset, split: str,
+                  split_seed: int | None) -> tuple[Dataset, int | None]:
     """The part of ``dataset`` (a whole folder) to score and the split seed used (``None`` for ``all``).
 
     A tuned version (its card has a ``tune`` record) is never scored on its tuning photos: on the
@@ -43,11 +43,11 @@ def scoring_split(card: ModelCard, dataset: Dataset, split: str, split_seed: int
                 f"score it with --split holdout{'' if split_seed is None else f' --split-seed {tune.split_seed}'}, "
                 f"never on the photos it was tuned on")
     if split == "all":
-        return select_split(dataset, "all", 0, max_images), None
+        return dataset, None
     if seed is None:
         raise ScoreError(f"--split {split} needs --split-seed S ({card.name}/{card.version} has no tune or "
                          "quantization record)")
-    return select_split(dataset, split, seed, max_images), seed
+    return select_split(dataset, split, seed), seed
 
 
 def score_version(repo: Any, model: str, version: int, data: str, labels: str | None, config: Any,

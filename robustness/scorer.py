@@ -204,7 +204,7 @@ def score_items(
                 more, seconds = _evaluate_followups(classifier, card, plans, probs, options.batch_size, views)
                 evaluations, infer = evaluations + more, infer + seconds
                 for k, (item, plan) in enumerate(zip(chunk, plans)):
-                    records.append(_record(item, plan, probs[k] if k < len(probs) else {}))
+                    records.append(_record(item, plan, probs[k]))
                 probs = []
                 if progress is not None:
                     progress(len(chunk))
@@ -512,8 +512,8 @@ def _wait_for_a_cpu(ray: Any, timeout_s: float, address: str | None) -> None:
     ray.cancel(probe)
     total, free = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
     raise ClusterUnavailable(f"the Ray cluster {address or '(local)'} could not start a 1-CPU scoring task within "
-                     f"{timeout_s:g} s: it has {total:g} CPUs, {free:g} free (Serve replicas or other jobs hold "
-                     f"them); free CPUs, add nodes, or wait longer with --ray-timeout")
+                             f"{timeout_s:g} s: it has {total:g} CPUs, {free:g} free (Serve replicas or other jobs "
+                             f"hold them); free CPUs, add nodes, or wait longer with --ray-timeout")
 
 
 def _nothing() -> None:
