@@ -296,8 +296,6 @@ class Header:
     height: int
     mode: str
     orientation: int
-    animated: bool
-    has_alpha: bool
 
 
 def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
@@ -318,10 +316,7 @@ def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
         width, height = img.size
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        mode = img.mode
-        has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-        return Header(img.format or "unknown", width, height, mode, orientation,
-                      bool(getattr(img, "is_animated", False)), has_alpha)
+        return Header(img.format or "unknown", width, height, img.mode, orientation)
 
 
 def original_size(img: Image.Image) -> tuple[int, int]:
