@@ -7,8 +7,9 @@ card's preprocessing in a thread pool and hands one image tensor at a time to an
 in unit tests a direct ONNX Runtime call. A version serving a shift ensemble
 (:mod:`service.core.ensemble`) answers the bare view first; only when its top-1 margin is under the
 ensemble's threshold are the extra copies rendered and sent through the same ``infer`` (the same
-batch queue), and the answer is their mean softmax, carried as ``log(p)`` where logits are expected. Shadow scoring and live robustness checks run
-as background tasks after the answer is ready, bounded by ``max_background``.
+batch queue), and the answer is their mean softmax, carried as ``log(p)`` where logits are expected.
+Shadow scoring and live robustness checks run as background tasks after the answer is ready,
+bounded by ``max_background``.
 
 Example:
     >>> plane = DataPlane(settings, ModelRepository(root), Metrics("memory"))   # doctest: +SKIP
@@ -326,10 +327,10 @@ class DataPlane:
                 log.exception("live robustness check failed for %s/%s", served.model, served.version)
 
     @staticmethod
-    def _render(served: ServedVersion, image: Any, box: Any) -> np.ndarray:
+    def _render(served: ServedVersion, image: Any, box: Box) -> np.ndarray:
         if isinstance(image, Planned):  # the device path keeps the encoded image, not its pixels
-            if served.device_pre is not None:  # box None: this version's own box (a shadow candidate's may differ)
-                return served.device_pre.tensor(image if box is not None else served.device_pre.plan(image.data), box)
+            if served.device_pre is not None:
+                return served.device_pre.tensor(image, box)
             image = served.pre.decode(image.data)
         return served.pre.tensor(image, box)
 
