@@ -159,7 +159,7 @@ def tune_module(
         tune_fingerprint=photos_fingerprint(tune_set.items), tune_images=len(tune_set.items),
         holdout_images=holdout, labelled=run.labelled, resolution=resolution, steps=config.total_steps,
         batch_size=config.photos_per_step, learning_rate=config.learning_rate, loss_start=run.loss_window(False),
-        loss_end=run.loss_window(True), wall_seconds=round(run.seconds, 1), seed=config.seed, device=run.device,
+        loss_end=run.loss_window(True), wall_seconds=round(run.seconds, 3), seed=config.seed, device=run.device,
         source_weights_sha256=card.source.weights_sha256,
         recipe=dict(config.recipe(), resolution_from=why, **run.notes),
     )
