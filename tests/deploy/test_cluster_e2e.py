@@ -128,9 +128,16 @@ def test_cluster_runs_three_nodes_with_token_auth_on_loopback(cluster: LocalClus
     assert wrong.status_code in (401, 403)
     # `ray status` with the client environment of `local.sh env`, and without its token
     env = cluster.client_env()
-    ok = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status"], env=env, capture_output=True,
-                        text=True, timeout=120)
-    assert ok.returncode == 0 and ok.stdout.count("node_") == 3, ok.stderr[-2000:]
+    # `ray status` shows the autoscaler's view, refreshed every few seconds: right after `local.sh up` it may
+    # list the head alone while the GCS already has all three nodes
+    deadline = time.monotonic() + 60
+    while True:
+        ok = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status"], env=env, capture_output=True,
+                            text=True, timeout=120)
+        if ok.returncode != 0 or ok.stdout.count("node_") == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert ok.returncode == 0 and ok.stdout.count("node_") == 3, (ok.stdout[-2000:], ok.stderr[-2000:])
     refused = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status"],
                              env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True,
                              timeout=120)
