@@ -92,6 +92,15 @@ class SteadyServer:
         log.info("steady replica ready: %s", {m: {s: v.version for s, v in st.items()}
                                               for m, st in self.plane.catalog.models.items()})
 
+    def __del__(self) -> None:
+        """Serve stops this replica (scale-down, redeploy, delete): a drain must not wait for it."""
+        watch = getattr(self, "_drain_watch", None)
+        if watch is not None:
+            try:
+                watch.leave()
+            except RuntimeError:  # the event loop is already closed (garbage collection at process exit)
+                pass
+
     def __serve_build_asgi_app__(self) -> Any:
         return build_routes(self.plane, self.settings, self.metrics)
 

@@ -8,7 +8,8 @@ Order (all of it within ``drain_timeout_s`` of the signal; a watchdog ends the p
    readiness (``/v2/health/ready``) turns 503 first, then every new inference request gets 503 with
    ``Retry-After``; requests that arrived before keep going.
 2. **Finish what is in flight.** Each replica waits until no request is inside its routes (and its side
-   tasks are done), then reports; the driver waits for every replica seen in the last ``2 * POLL_S``.
+   tasks are done), then reports; the driver waits for every replica seen in the last ``2 * POLL_S``,
+   except those Serve stopped meanwhile (a scale-down: the replica's ``__del__`` says it left).
 3. **Stop.** On its own Ray (local mode) the driver soft-stops HAProxy first (SIGUSR1: it closes its
    listeners and finishes open connections, so a late client gets "connection refused", never a 404),
    then shuts Ray down, then kills whatever of its run directory is still alive (Ray's agents linger
@@ -40,7 +41,7 @@ import psutil
 
 from service.rundir import kill_processes, run_processes
 
-__all__ = ["DrainControl", "DrainReport", "control_name", "create_drain_control", "start_drain_watch",
+__all__ = ["DrainControl", "DrainReport", "DrainWatch", "control_name", "create_drain_control", "start_drain_watch",
            "drain_replicas", "graceful_stop", "Watchdog", "POLL_S"]
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class DrainControl:
     async def drained(self, replica: str, left: int) -> None:
         self._drained[replica] = left
 
+    async def leave(self, replica: str) -> None:
+        """A replica Serve is stopping (scale-down, redeploy): no longer expected to report."""
+        self._seen.pop(replica, None)
+
     def _expected(self) -> set[str]:
         now = time.monotonic()
         return {r for r, t in self._seen.items() if now - t < 2 * POLL_S + 1}
@@ -122,13 +127,61 @@ def create_drain_control(app_name: str) -> Any:
 
 
 # --------------------------------------------------------------------- replica side
-def start_drain_watch(plane: Any, app_name: str) -> "asyncio.Task[None]":
+class DrainWatch:
+    """A replica's side of the drain: follows the application's flag, and says when the replica leaves."""
+
+    def __init__(self, plane: Any, app_name: str, replica: str) -> None:
+        self.plane = plane
+        self.name = control_name(app_name)
+        self.replica = replica
+        self.control: Any = None
+        self.left = False
+        self.task = asyncio.get_running_loop().create_task(self._watch())
+
+    def leave(self) -> None:
+        """Serve is stopping this replica (its ``__del__``): stop watching and tell the control actor at once,
+        so a drain starting in the next ``2 * POLL_S`` does not wait for a replica that is gone."""
+        if self.left:
+            return
+        self.left = True
+        self.task.cancel()
+        if self.control is not None:
+            try:
+                self.control.leave.remote(self.replica)  # fire and forget: the actor runs it either way
+            except Exception:  # noqa: BLE001 - the driver is gone; nothing to tell
+                pass
+
+    async def _watch(self) -> None:
+        while True:
+            if self.control is None:
+                self.control = await _lookup(self.name)
+                if self.control is None:
+                    await asyncio.sleep(LOOKUP_RETRY_S)
+                    continue
+            try:
+                remaining = await self.control.wait.remote(self.replica, POLL_S)
+            except Exception:  # noqa: BLE001 - the driver (and its control actor) went away: look again
+                self.control = None
+                await asyncio.sleep(1.0)
+                continue
+            if remaining is None:
+                continue
+            self.plane.begin_drain()
+            left = await self.plane.wait_idle(remaining)
+            log.info("drained: %d requests still inside after %.1f s", left, remaining)
+            try:
+                await self.control.drained.remote(self.replica, left)
+            except Exception:  # noqa: BLE001 - the driver is gone; nothing to tell
+                pass
+            return
+
+
+def start_drain_watch(plane: Any, app_name: str) -> DrainWatch:
     """In a replica: follow the application's drain flag (see the module docstring). ``plane`` is the
     :class:`~service.dataplane.DataPlane` (``begin_drain`` / ``wait_idle``)."""
     from ray import serve
 
-    replica = serve.get_replica_context().replica_id.unique_id
-    return asyncio.get_running_loop().create_task(_watch(plane, control_name(app_name), replica))
+    return DrainWatch(plane, app_name, serve.get_replica_context().replica_id.unique_id)
 
 
 async def _lookup(name: str) -> Any:
@@ -141,32 +194,6 @@ async def _lookup(name: str) -> Any:
             return None
 
     return await asyncio.get_running_loop().run_in_executor(None, get)
-
-
-async def _watch(plane: Any, name: str, replica: str) -> None:
-    control = None
-    while True:
-        if control is None:
-            control = await _lookup(name)
-            if control is None:
-                await asyncio.sleep(LOOKUP_RETRY_S)
-                continue
-        try:
-            remaining = await control.wait.remote(replica, POLL_S)
-        except Exception:  # noqa: BLE001 - the driver (and its control actor) went away: look again
-            control = None
-            await asyncio.sleep(1.0)
-            continue
-        if remaining is None:
-            continue
-        plane.begin_drain()
-        left = await plane.wait_idle(remaining)
-        log.info("drained: %d requests still inside after %.1f s", left, remaining)
-        try:
-            await control.drained.remote(replica, left)
-        except Exception:  # noqa: BLE001 - the driver is gone; nothing to tell
-            pass
-        return
 
 
 # --------------------------------------------------------------------- driver side

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import numpy as np
@@ -107,6 +109,49 @@ def test_control_expects_the_replicas_it_heard_from(monkeypatch: pytest.MonkeyPa
         assert await control.wait("late", 5.0) is not None  # a replica asking after the start learns at once
 
     asyncio.run(scenario())
+
+
+def test_a_replica_serve_stopped_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scale-down a few seconds before SIGTERM: the stopped replica said it left, the drain ends at once."""
+    monkeypatch.setattr(drain, "POLL_S", 5.0)
+
+    class Method:
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def remote(self, *args: Any) -> Any:
+            return self.fn(*args)
+
+    control = DrainControl()
+    calls: list[tuple[str, str]] = []
+
+    def leave(replica: str) -> Any:
+        calls.append(("leave", replica))
+        return asyncio.ensure_future(control.leave(replica))
+
+    fake = SimpleNamespace(wait=Method(control.wait), leave=Method(leave), drained=Method(control.drained))
+
+    async def lookup(name: str) -> Any:
+        assert name == "steady-drain-steady"
+        return fake
+
+    monkeypatch.setattr(drain, "_lookup", lookup)
+
+    async def scenario() -> dict[str, int]:
+        plane = SimpleNamespace(begin_drain=lambda: None, wait_idle=lambda s: asyncio.sleep(0, result=0))
+        stopped, staying = drain.DrainWatch(plane, "steady", "r1"), drain.DrainWatch(plane, "steady", "r2")
+        await asyncio.sleep(0.05)  # both hold a call to the control actor
+        stopped.leave()
+        stopped.leave()  # Serve's __del__, then garbage collection's: told once
+        await asyncio.sleep(0.05)
+        assert stopped.task.cancelled()
+        assert await control.start(5.0) == 1
+        status = await control.wait_drained(2.0)
+        await staying.task
+        return status
+
+    assert asyncio.run(scenario()) == {"replicas": 1, "drained": 1, "requests_left": 0, "done": 1}
+    assert calls == [("leave", "r1")]
 
 
 def test_report_line_names_what_happened() -> None:
