@@ -64,15 +64,18 @@ class DrainControl:
         self._deadline = 0.0
         self._seen: dict[str, float] = {}
         self._drained: dict[str, int] = {}
+        self._left: set[str] = set()
 
     async def wait(self, replica: str, timeout: float) -> float | None:
         """Block until the drain starts (returns the seconds the replica has left) or ``timeout`` (None)."""
-        self._seen[replica] = time.monotonic()
+        if replica not in self._left:
+            self._seen[replica] = time.monotonic()
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except asyncio.TimeoutError:
             return None
-        self._seen[replica] = time.monotonic()
+        if replica not in self._left:  # a call still pending from a replica that has since left
+            self._seen[replica] = time.monotonic()
         return max(0.0, self._deadline - time.time())
 
     async def start(self, seconds: float) -> int:
@@ -88,6 +91,7 @@ class DrainControl:
     async def leave(self, replica: str) -> None:
         """A replica Serve is stopping (scale-down, redeploy): no longer expected to report."""
         self._seen.pop(replica, None)
+        self._left.add(replica)
 
     def _expected(self) -> set[str]:
         now = time.monotonic()
@@ -99,6 +103,11 @@ class DrainControl:
         expected = self._expected()
         return {"replicas": len(expected | set(self._drained)), "drained": len(self._drained),
                 "requests_left": sum(self._drained.values()), "done": int(expected <= set(self._drained))}
+
+    async def missing(self) -> dict[str, float]:
+        """Replicas expected that have not reported: seconds since each was last heard from."""
+        now = time.monotonic()
+        return {r: round(now - self._seen[r], 1) for r in sorted(self._expected() - set(self._drained))}
 
     async def wait_drained(self, timeout: float) -> dict[str, int]:
         """Wait (at most ``timeout``) until every live replica reported; :meth:`status` then."""
@@ -144,6 +153,7 @@ class DrainWatch:
         if self.left:
             return
         self.left = True
+        log.info("leaving: Serve stops this replica")
         self.task.cancel()
         if self.control is not None:
             try:
@@ -254,7 +264,7 @@ def ray_alive(main: psutil.Process | None = None, grace_s: float = 0.3) -> bool:
     return not gone and all(p.status() != psutil.STATUS_ZOMBIE for p in alive)
 
 
-def drain_replicas(control: Any, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict[str, int]:
+def drain_replicas(control: Any, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
     """Flip every replica to 503 and wait (at most ``timeout``) until their requests in flight finished.
 
     Polls the control actor with short timeouts, and gives up with :class:`RuntimeError` as soon as
@@ -267,7 +277,10 @@ def drain_replicas(control: Any, timeout: float, alive: Callable[[], bool] = lam
     ray.get(control.start.remote(max(0.0, timeout)), timeout=min(2.0, max(0.5, timeout)))
     while True:
         counts = dict(ray.get(control.status.remote(), timeout=2.0))
-        if counts.pop("done") or time.monotonic() >= end:
+        if counts.pop("done"):
+            return counts
+        if time.monotonic() >= end:
+            counts["missing"] = ray.get(control.missing.remote(), timeout=2.0)
             return counts
         if not alive():
             raise RuntimeError("Ray is stopping")
@@ -307,6 +320,9 @@ def graceful_stop(settings: Any, control: Any, deadline: float, *, run_dir: str 
             report.replicas, report.drained = counts["replicas"], counts["drained"]
             report.requests_left = counts["requests_left"]
             report.clean = report.drained >= report.replicas
+            if counts.get("missing"):
+                report.notes.append("no report from " + ", ".join(
+                    f"replica {r} (last heard {s:g} s before)" for r, s in counts["missing"].items()))
         except Exception as exc:  # noqa: BLE001 - Ray going down (signal to the whole group): just stop
             report.clean = False
             report.notes.append(f"drain failed: {type(exc).__name__}")
