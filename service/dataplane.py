@@ -56,7 +56,7 @@ decoded, resampled and classified on the device (versions with ``device_pre``)."
 
 MAX_V2_BATCH = 64
 ENSEMBLE_V2_IMAGES = 8  # decoded images one V2 request holds at once while its ensemble may need copies
-HEAVY_NICE = 10  # nice value of the heavy-decode thread: ~10% of a core while other work wants the CPU
+HEAVY_NICE = 19  # nice value of the heavy-decode thread: ~1.5% of a core while other work wants the CPU
 
 
 def _lower_priority() -> None:

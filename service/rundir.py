@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,11 +212,25 @@ class RunDir:
 
 
 # --------------------------------------------------------------------- ports
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on ``host`` right now and that this process has not handed out before.
+
+    Once a probe socket is closed the kernel may give the same ephemeral port to the next probe, so two calls
+    in a row could name one port twice (seen: ``port`` and ``metrics_port`` both 51217).
+    """
+    with _HANDED_OUT_LOCK:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise OSError(f"no free TCP port on {host} that was not handed out already")
 
 
 @dataclass(frozen=True)

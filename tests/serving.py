@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,11 @@ from typing import Iterator
 import pytest
 
 from service.core.repository import ModelRepository
+from service.rundir import free_port
 from service.settings import ServeSettings
 from tests.conftest import make_tiny_onnx, tiny_card
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

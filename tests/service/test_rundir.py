@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from service.core.errors import InvalidInput, PortInUse, RunDirBusy
-from service.rundir import MARKER, PortUse, RunDir, check_ports, port_holder, run_processes
+from service.rundir import MARKER, PortUse, RunDir, check_ports, free_port, port_holder, run_processes
 from service.settings import ServeSettings
 
 SLEEP = "import time; time.sleep(120)"
@@ -121,6 +121,32 @@ def test_a_taken_port_names_its_holder(spawned: list) -> None:
     assert "\n" not in message
     assert message.startswith(f"port {port} (haproxy_stats_port, on 127.0.0.1) is in use by pid {holder.pid} (")
     assert message.endswith("stop it or choose another haproxy_stats_port")
+
+
+def test_free_port_never_names_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may give a closed probe's port to the next probe: free_port skips what it handed out."""
+    from service import rundir
+
+    given = [free_port() for _ in range(200)]
+    assert len(set(given)) == len(given)
+    ports = iter([given[0], given[0], given[1], 50999])
+
+    class Probe:
+        def __enter__(self) -> "Probe":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, address: tuple[str, int]) -> None:
+            self.port = next(ports)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(rundir.socket, "socket", Probe)
+    monkeypatch.setattr(rundir, "_HANDED_OUT", set(given[:2]))
+    assert free_port() == 50999
 
 
 def test_free_ports_pass_and_time_wait_does_not_count() -> None:

@@ -123,7 +123,9 @@ def _add_many(root: str, onnx_bytes: bytes, count: int) -> None:
 
 
 def test_concurrent_writers_get_distinct_versions(tmp_path: Path, tiny_onnx: bytes) -> None:
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a fork of this multithreaded process (torch, gRPC, ONNX Runtime threads) can crash in
+    # the child (seen in CI: SIGSEGV) before it reaches the code under test
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_add_many, args=(str(tmp_path), tiny_onnx, 3)) for _ in range(3)]
     for p in procs:
         p.start()
