@@ -16,7 +16,7 @@ def test_dashboard_panels() -> None:
     assert len({p["id"] for p in panels}) == len(panels)
     titles = " | ".join(p["title"].lower() for p in panels)
     for needed in ("requests/s", "latency", "error ratio", "batch size", "queue time", "robustness",
-                   "live flip rate", "shadow agreement", "replicas"):
+                   "live flip rate", "shadow agreement", "replicas", "explain"):
         assert needed in titles, needed
     for p in panels:
         assert p["targets"], p["title"]

@@ -114,6 +114,8 @@ def _traffic(service: Service, burst: bool = True) -> None:
             nan = {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                "data": [float("nan")] * 3072}]}
             assert (await client.post("/v2/models/tiny/infer", content=json.dumps(nan))).status_code == 400
+            # an occlusion map (the explain panel's series)
+            assert (await client.post("/v1/models/tiny:explain", content=photos[1], headers=JPEG)).status_code == 200
             # bad requests: not an image (400), unknown model (404), wrong media type (415)
             assert await classify("tiny", b"junk") == 400
             assert await classify(SCORED, b"junk") == 400
