@@ -68,14 +68,12 @@ class DrainControl:
 
     async def wait(self, replica: str, timeout: float) -> float | None:
         """Block until the drain starts (returns the seconds the replica has left) or ``timeout`` (None)."""
-        if replica not in self._left:
-            self._seen[replica] = time.monotonic()
+        self._seen[replica] = time.monotonic()
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except asyncio.TimeoutError:
             return None
-        if replica not in self._left:  # a call still pending from a replica that has since left
-            self._seen[replica] = time.monotonic()
+        self._seen[replica] = time.monotonic()
         return max(0.0, self._deadline - time.time())
 
     async def start(self, seconds: float) -> int:
@@ -89,13 +87,13 @@ class DrainControl:
         self._drained[replica] = left
 
     async def leave(self, replica: str) -> None:
-        """A replica Serve is stopping (scale-down, redeploy): no longer expected to report."""
-        self._seen.pop(replica, None)
+        """A replica Serve is stopping (scale-down, redeploy): no longer expected to report, even when a call it
+        left pending wakes up at the drain's start."""
         self._left.add(replica)
 
     def _expected(self) -> set[str]:
         now = time.monotonic()
-        return {r for r, t in self._seen.items() if now - t < 2 * POLL_S + 1}
+        return {r for r, t in self._seen.items() if now - t < 2 * POLL_S + 1 and r not in self._left}
 
     async def status(self) -> dict[str, int]:
         """Replicas expected (heard from in the last ``2 * POLL_S``, or reported), drained, requests left, and
